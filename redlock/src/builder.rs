@@ -1,0 +1,276 @@
+//! Building a [`Redlock`] client: every setting has a documented default, and `build()`
+//! rejects what cannot work before any lock is taken.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+
+use crate::client::{Inner, Redlock};
+use crate::error::Error;
+use crate::node::Node;
+use crate::quorum::quorum;
+use crate::retry::RetryPolicy;
+
+/// The default per-node timeout: 50 ms.
+///
+/// A healthy node in the same datacenter answers in well under a millisecond, so 50 ms only
+/// ever fires for a node that is down, paused or partitioned, and it is small next to any
+/// sensible TTL (seconds). Raise it for nodes across regions.
+pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// The default clock drift factor: 0.01 (1% of the TTL, plus 2 ms), as in the Redlock spec.
+pub const DEFAULT_DRIFT_FACTOR: f64 = 0.01;
+
+/// The default connect timeout: 1 s. Reconnects happen in the background.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Configures and builds a [`Redlock`] client.
+///
+/// | setting | default |
+/// |---|---|
+/// | [`nodes`](Self::nodes) | none: at least one is required (3 or 5 to survive failures) |
+/// | [`node_timeout`](Self::node_timeout) | [`DEFAULT_NODE_TIMEOUT`], 50 ms |
+/// | [`drift_factor`](Self::drift_factor) | [`DEFAULT_DRIFT_FACTOR`], 0.01 |
+/// | [`retry`](Self::retry) | [`RetryPolicy::default`]: 10 retries, 200 ms + up to 200 ms jitter |
+/// | [`connect_timeout`](Self::connect_timeout) | [`DEFAULT_CONNECT_TIMEOUT`], 1 s |
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until `build()` is awaited"]
+pub struct RedlockBuilder {
+    nodes: Vec<String>,
+    node_timeout: Duration,
+    drift_factor: f64,
+    retry: RetryPolicy,
+    connect_timeout: Duration,
+}
+
+impl Default for RedlockBuilder {
+    fn default() -> Self {
+        RedlockBuilder {
+            nodes: Vec::new(),
+            node_timeout: DEFAULT_NODE_TIMEOUT,
+            drift_factor: DEFAULT_DRIFT_FACTOR,
+            retry: RetryPolicy::default(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+}
+
+impl RedlockBuilder {
+    /// Adds lock nodes by URL: `redis://host:port[/db]`, `redis://user:pass@host` for AUTH,
+    /// `rediss://` for TLS (with the `tls` feature). Each must be an independent master.
+    pub fn nodes<I, S>(mut self, urls: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.nodes.extend(urls.into_iter().map(Into::into));
+        self
+    }
+
+    /// Adds one lock node by URL; see [`nodes`](Self::nodes).
+    pub fn node(mut self, url: impl Into<String>) -> Self {
+        self.nodes.push(url.into());
+        self
+    }
+
+    /// The longest one node may take to answer one command (default 50 ms). Each command
+    /// also gives up when the lock's remaining validity runs out, whichever comes first.
+    pub fn node_timeout(mut self, timeout: Duration) -> Self {
+        self.node_timeout = timeout;
+        self
+    }
+
+    /// The clock drift allowance as a fraction of the TTL (default 0.01). The validity of a
+    /// lock is `ttl - elapsed - (ttl * drift_factor + 2 ms)`. Must be in `[0, 0.5)`.
+    pub fn drift_factor(mut self, factor: f64) -> Self {
+        self.drift_factor = factor;
+        self
+    }
+
+    /// How [`Redlock::lock`] retries (default: 10 retries, 200 ms + up to 200 ms jitter).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// How long opening a connection to a node may take (default 1 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Validates the settings, sets up one connection per node and opens them in parallel.
+    ///
+    /// Nodes that cannot be reached now are logged and retried in the background: a client
+    /// with a minority of nodes down still locks. Only settings that can never work fail:
+    /// no nodes, a URL that does not parse, the same node twice, a drift factor outside
+    /// `[0, 0.5)`, a zero timeout. An even number of nodes is allowed with a warning, since
+    /// it tolerates no more failures than one node fewer.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config), naming the bad setting.
+    pub async fn build(self) -> Result<Redlock, Error> {
+        if self.nodes.is_empty() {
+            return Err(Error::config(
+                "nodes",
+                "no nodes given; a lock needs at least one Redis node (3 or 5 to survive failures)",
+            ));
+        }
+        if !(self.drift_factor >= 0.0 && self.drift_factor < 0.5) {
+            return Err(Error::config(
+                "drift_factor",
+                format!("{} is outside [0, 0.5)", self.drift_factor),
+            ));
+        }
+        if self.node_timeout.is_zero() {
+            return Err(Error::config("node_timeout", "must be greater than zero"));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(Error::config(
+                "connect_timeout",
+                "must be greater than zero",
+            ));
+        }
+
+        let mut nodes = Vec::with_capacity(self.nodes.len());
+        let mut seen: HashMap<_, usize> = HashMap::new();
+        for (i, url) in self.nodes.iter().enumerate() {
+            let field = node_field(i);
+            let (node, identity) = Node::new(field, url, self.connect_timeout)?;
+            if let Some(first) = seen.insert(identity, i) {
+                return Err(Error::config(
+                    field,
+                    format!(
+                        "{} is the same node as nodes[{first}]; one node must not vote twice",
+                        node.addr()
+                    ),
+                ));
+            }
+            nodes.push(node);
+        }
+        let n = nodes.len();
+        if n % 2 == 0 {
+            tracing::warn!(
+                nodes = n,
+                quorum = quorum(n),
+                "an even number of lock nodes tolerates no more failures than {} nodes",
+                n - 1
+            );
+        }
+
+        let results = join_all(nodes.iter().map(|n| n.warm_up(self.connect_timeout))).await;
+        for failure in results.into_iter().filter_map(Result::err) {
+            tracing::warn!(node = failure.node(), error = %failure, "lock node unreachable; will keep retrying");
+        }
+
+        Ok(Redlock::from_inner(Inner::new(
+            nodes,
+            self.node_timeout,
+            self.drift_factor,
+            self.retry,
+        )))
+    }
+}
+
+/// `nodes[i]` as a `'static` field name for the first few nodes, which covers every real
+/// deployment; beyond that the message still names the URL.
+fn node_field(i: usize) -> &'static str {
+    const FIELDS: [&str; 10] = [
+        "nodes[0]", "nodes[1]", "nodes[2]", "nodes[3]", "nodes[4]", "nodes[5]", "nodes[6]",
+        "nodes[7]", "nodes[8]", "nodes[9]",
+    ];
+    FIELDS.get(i).copied().unwrap_or("nodes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    async fn build_err(b: RedlockBuilder) -> crate::Error {
+        b.build().await.expect_err("build must fail")
+    }
+
+    #[tokio::test]
+    async fn zero_nodes() {
+        let e = build_err(RedlockBuilder::default()).await;
+        assert_eq!(e.kind(), ErrorKind::Config);
+        assert!(
+            e.to_string().starts_with("invalid `nodes`: no nodes given"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn duplicate_nodes() {
+        let e = build_err(
+            RedlockBuilder::default().nodes(["redis://127.0.0.1:1", "redis://127.0.0.1:1/0"]),
+        )
+        .await;
+        assert_eq!(
+            e.to_string(),
+            "invalid `nodes[1]`: 127.0.0.1:1 is the same node as nodes[0]; one node must not vote twice"
+        );
+        // Another database on the same server is the same machine too, but it is a distinct
+        // keyspace; we accept it like redsync does, so that one test server can host several.
+        assert!(
+            RedlockBuilder::default()
+                .nodes(["redis://127.0.0.1:1/1", "redis://127.0.0.1:1/2"])
+                .connect_timeout(Duration::from_millis(10))
+                .build()
+                .await
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn drift_factor_range() {
+        for bad in [-0.1, 0.5, 0.7, f64::NAN] {
+            let e = build_err(
+                RedlockBuilder::default()
+                    .node("redis://127.0.0.1:1")
+                    .drift_factor(bad),
+            )
+            .await;
+            assert!(e.to_string().starts_with("invalid `drift_factor`"), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn unparsable_url() {
+        let e =
+            build_err(RedlockBuilder::default().nodes(["redis://127.0.0.1:1", "nope://x"])).await;
+        assert!(
+            e.to_string()
+                .starts_with("invalid `nodes[1]`: cannot use `nope://x`"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn zero_timeout() {
+        let e = build_err(
+            RedlockBuilder::default()
+                .node("redis://127.0.0.1:1")
+                .node_timeout(Duration::ZERO),
+        )
+        .await;
+        assert_eq!(
+            e.to_string(),
+            "invalid `node_timeout`: must be greater than zero"
+        );
+    }
+
+    #[tokio::test]
+    async fn unreachable_nodes_do_not_fail_build() {
+        let client = RedlockBuilder::default()
+            .nodes(["redis://127.0.0.1:1", "redis://127.0.0.1:2"])
+            .connect_timeout(Duration::from_millis(50))
+            .build()
+            .await
+            .expect("unreachable nodes are retried, not fatal");
+        assert_eq!(client.quorum(), 2);
+    }
+}

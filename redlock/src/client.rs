@@ -1,0 +1,682 @@
+//! The shared client: the nodes, the settings and the in-process wait queues.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+use tracing::Instrument;
+
+use crate::builder::RedlockBuilder;
+use crate::error::{Error, LostReason, NodeFailure};
+use crate::guard::LockGuard;
+use crate::node::Node;
+use crate::quorum::{Decision, Tally, quorum};
+use crate::retry::RetryPolicy;
+use crate::scripts;
+
+/// A Redlock client over N independent Redis nodes.
+///
+/// Cheap to clone: clones share one multiplexed, self-reconnecting connection per node and
+/// one in-process wait queue per resource. Build it with [`Redlock::builder`].
+///
+/// # Guarantees
+///
+/// While a [`LockGuard`] reports validity left ([`LockGuard::validity`] is non-zero), no
+/// other client holds the same resource on a quorum of nodes, provided that nodes do not
+/// lose their data while a lock is held and clocks advance at rates within the drift factor.
+#[derive(Clone)]
+pub struct Redlock {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    nodes: Vec<Node>,
+    quorum: usize,
+    node_timeout: Duration,
+    drift_factor: f64,
+    retry: RetryPolicy,
+    /// Tasks of this process that want the same resource queue here instead of hammering
+    /// the nodes: one of them contends in Redis, the rest wait for a hand-off that needs no
+    /// retry delay.
+    local: StdMutex<HashMap<String, Arc<AsyncMutex<()>>>>,
+}
+
+impl Inner {
+    pub(crate) fn new(
+        nodes: Vec<Node>,
+        node_timeout: Duration,
+        drift_factor: f64,
+        retry: RetryPolicy,
+    ) -> Self {
+        Inner {
+            quorum: quorum(nodes.len()),
+            nodes,
+            node_timeout,
+            drift_factor,
+            retry,
+            local: StdMutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl fmt::Debug for Redlock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Redlock")
+            .field("nodes", &self.inner.nodes)
+            .field("quorum", &self.inner.quorum)
+            .field("node_timeout", &self.inner.node_timeout)
+            .field("drift_factor", &self.inner.drift_factor)
+            .field("retry", &self.inner.retry)
+            .finish()
+    }
+}
+
+/// The in-process part of a lock: this process's turn at the resources. Held by the guard
+/// (and by a spawned release) so that the next local waiter starts only once our keys are
+/// gone from the nodes.
+pub(crate) struct LocalTurn {
+    client: Redlock,
+    keys: Arc<[String]>,
+    guards: Vec<OwnedMutexGuard<()>>,
+}
+
+impl fmt::Debug for LocalTurn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalTurn")
+            .field("keys", &self.keys)
+            .finish()
+    }
+}
+
+impl Drop for LocalTurn {
+    fn drop(&mut self) {
+        self.guards.clear();
+        // Forget queues nobody uses any more. Clones are only made under this lock, so a
+        // count of 1 (the map's own) means no holder and no waiter.
+        let mut map = self
+            .client
+            .inner
+            .local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for key in self.keys.iter() {
+            if map.get(key).is_some_and(|m| Arc::strong_count(m) == 1) {
+                map.remove(key);
+            }
+        }
+    }
+}
+
+/// Releases a failed or abandoned acquisition if its future is dropped before it decides.
+struct PendingCleanup<'a> {
+    client: &'a Redlock,
+    keys: &'a Arc<[String]>,
+    value: &'a Arc<str>,
+    armed: bool,
+}
+
+impl Drop for PendingCleanup<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.client
+                .spawn_release(self.keys.clone(), self.value.clone(), None);
+        }
+    }
+}
+
+/// How a release round went, per node.
+#[derive(Debug, Default)]
+pub(crate) struct ReleaseOutcome {
+    pub(crate) deleted: usize,
+    pub(crate) failures: Vec<NodeFailure>,
+}
+
+/// What a successful acquire round hands to the guard.
+pub(crate) struct Granted {
+    pub(crate) value: Arc<str>,
+    pub(crate) valid_until: Instant,
+}
+
+impl Redlock {
+    /// Starts configuring a client; see [`RedlockBuilder`] for the settings and defaults.
+    pub fn builder() -> RedlockBuilder {
+        RedlockBuilder::default()
+    }
+
+    pub(crate) fn from_inner(inner: Inner) -> Self {
+        Redlock {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// How many nodes must agree: `n / 2 + 1`.
+    pub fn quorum(&self) -> usize {
+        self.inner.quorum
+    }
+
+    /// The nodes' addresses (`host:port`, without credentials), in configuration order.
+    pub fn nodes(&self) -> Vec<&str> {
+        self.inner.nodes.iter().map(Node::addr).collect()
+    }
+
+    /// The retry policy `lock` uses.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.inner.retry
+    }
+
+    /// The clock drift allowed for a lock of `ttl`: `ttl * drift_factor + 2 ms`.
+    pub fn drift(&self, ttl: Duration) -> Duration {
+        ttl.mul_f64(self.inner.drift_factor) + Duration::from_millis(2)
+    }
+
+    /// Locks `resource` for `ttl`, retrying with jitter while it is contended or a quorum
+    /// is out of reach, as [`RetryPolicy`] says.
+    ///
+    /// The Redis key is `resource` itself and the value an opaque random string, as with
+    /// node-redlock and redsync, so services in other languages can share these locks.
+    /// Tasks of this process that lock the same resource through clones of this client wait
+    /// for each other in-process, for at most the retry policy's total wait, before they
+    /// contend in Redis.
+    ///
+    /// # Errors
+    ///
+    /// [`Contended`](crate::ErrorKind::Contended) or
+    /// [`NoQuorum`](crate::ErrorKind::NoQuorum) once retries run out;
+    /// [`Config`](crate::ErrorKind::Config) for an empty resource or a TTL that leaves no
+    /// validity after the drift.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe. If the future is dropped mid-flight, a release of whatever this attempt
+    /// may have set is spawned on the current runtime (without a runtime the keys expire
+    /// with their TTL), and no guard exists, so nothing is held.
+    pub async fn lock(&self, resource: &str, ttl: Duration) -> Result<LockGuard, Error> {
+        self.acquire(&[resource], ttl, self.inner.retry).await
+    }
+
+    /// Makes one attempt to lock `resource` for `ttl`: one round to all nodes, no retry.
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Self::lock), after a single round. A holder in this process makes it fail
+    /// with [`Contended`](crate::ErrorKind::Contended) without asking the nodes.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe, as [`lock`](Self::lock).
+    pub async fn try_lock(&self, resource: &str, ttl: Duration) -> Result<LockGuard, Error> {
+        self.acquire(&[resource], ttl, RetryPolicy::never()).await
+    }
+
+    /// Locks several resources at once, retrying like [`lock`](Self::lock). On each node one
+    /// script sets every key or none, so a node never holds half of the set.
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Self::lock); also [`Config`](crate::ErrorKind::Config) for an empty list.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe, as [`lock`](Self::lock).
+    pub async fn lock_many(&self, resources: &[&str], ttl: Duration) -> Result<LockGuard, Error> {
+        self.acquire(resources, ttl, self.inner.retry).await
+    }
+
+    /// One attempt at [`lock_many`](Self::lock_many).
+    ///
+    /// # Errors
+    ///
+    /// As [`lock_many`](Self::lock_many), after a single round.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe, as [`lock`](Self::lock).
+    pub async fn try_lock_many(
+        &self,
+        resources: &[&str],
+        ttl: Duration,
+    ) -> Result<LockGuard, Error> {
+        self.acquire(resources, ttl, RetryPolicy::never()).await
+    }
+
+    /// Locks with an explicit retry policy instead of the client's.
+    ///
+    /// # Errors
+    ///
+    /// As [`lock_many`](Self::lock_many).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe, as [`lock`](Self::lock).
+    pub async fn lock_with_retry(
+        &self,
+        resources: &[&str],
+        ttl: Duration,
+        policy: RetryPolicy,
+    ) -> Result<LockGuard, Error> {
+        self.acquire(resources, ttl, policy).await
+    }
+
+    pub(crate) fn check_ttl(&self, ttl: Duration) -> Result<(), Error> {
+        if ttl < Duration::from_millis(1) {
+            return Err(Error::config("ttl", "must be at least 1 ms"));
+        }
+        let drift = self.drift(ttl);
+        if ttl <= drift {
+            return Err(Error::config(
+                "ttl",
+                format!(
+                    "{} ms leaves no validity after a clock drift allowance of {} us",
+                    ttl.as_millis(),
+                    drift.as_micros()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn acquire(
+        &self,
+        resources: &[&str],
+        ttl: Duration,
+        policy: RetryPolicy,
+    ) -> Result<LockGuard, Error> {
+        if resources.is_empty() {
+            return Err(Error::config("resources", "no resource given"));
+        }
+        if let Some(i) = resources.iter().position(|r| r.is_empty()) {
+            return Err(Error::config(
+                "resources",
+                format!("resource {i} is the empty string"),
+            ));
+        }
+        self.check_ttl(ttl)?;
+        let mut keys: Vec<String> = resources.iter().map(|r| (*r).to_owned()).collect();
+        keys.sort();
+        keys.dedup();
+        let keys: Arc<[String]> = keys.into();
+
+        let span = tracing::info_span!(
+            "fencelock.acquire",
+            resource = %keys[0],
+            resources = keys.len(),
+            ttl_ms = ttl.as_millis() as u64,
+            attempts = tracing::field::Empty,
+        );
+        async move {
+            let turn = self.local_turn(&keys, policy).await?;
+            let mut attempt = 0u32;
+            loop {
+                attempt += 1;
+                match self.round(&keys, ttl, attempt).await {
+                    Ok(granted) => {
+                        tracing::Span::current().record("attempts", attempt);
+                        return Ok(LockGuard::new(self.clone(), keys, ttl, granted, turn));
+                    }
+                    Err(e) if e.is_retryable() && attempt <= policy.retries() => {
+                        let wait = policy.next_delay(&mut rand::rng());
+                        tracing::debug!(attempt, error = %e, wait_ms = wait.as_millis() as u64, "acquire round failed; retrying");
+                        tokio::time::sleep(wait).await;
+                    }
+                    Err(mut e) => {
+                        tracing::Span::current().record("attempts", attempt);
+                        if let Error::Contended { attempts, .. } = &mut e {
+                            *attempts = attempt;
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Waits for this process's turn at `keys`: immediately for a one-shot policy, else for
+    /// at most the policy's total wait.
+    async fn local_turn(
+        &self,
+        keys: &Arc<[String]>,
+        policy: RetryPolicy,
+    ) -> Result<LocalTurn, Error> {
+        let mutexes: Vec<Arc<AsyncMutex<()>>> = {
+            let mut map = self.inner.local.lock().unwrap_or_else(|p| p.into_inner());
+            keys.iter()
+                .map(|k| map.entry(k.clone()).or_default().clone())
+                .collect()
+        };
+        // Constructed first so that an early return cleans the map up through Drop.
+        let mut turn = LocalTurn {
+            client: self.clone(),
+            keys: keys.clone(),
+            guards: Vec::with_capacity(mutexes.len()),
+        };
+        let contended = || Error::Contended {
+            resource: keys[0].clone(),
+            held_elsewhere: 0,
+            granted: 0,
+            quorum: self.inner.quorum,
+            attempts: 0,
+        };
+        let budget = policy.max_total_wait();
+        let deadline = tokio::time::Instant::now() + budget;
+        // Keys are sorted, so two multi-resource lockers in this process cannot deadlock.
+        for m in mutexes {
+            let guard = match m.clone().try_lock_owned() {
+                Ok(g) => g,
+                Err(_) if budget.is_zero() => return Err(contended()),
+                Err(_) => tokio::time::timeout_at(deadline, m.lock_owned())
+                    .await
+                    .map_err(|_| contended())?,
+            };
+            turn.guards.push(guard);
+        }
+        Ok(turn)
+    }
+
+    /// One acquire round on all nodes in parallel, decided as soon as it is certain.
+    async fn round(
+        &self,
+        keys: &Arc<[String]>,
+        ttl: Duration,
+        attempt: u32,
+    ) -> Result<Granted, Error> {
+        let value: Arc<str> = new_value().into();
+        let start = Instant::now();
+        let valid_until = start + ttl - self.drift(ttl);
+        let ttl_ms = ttl.as_millis() as u64;
+        let mut cleanup = PendingCleanup {
+            client: self,
+            keys,
+            value: &value,
+            armed: true,
+        };
+
+        let mut tally = Tally::new(self.inner.nodes.len());
+        let mut failures = Vec::new();
+        {
+            let mut replies: FuturesUnordered<_> = self
+                .inner
+                .nodes
+                .iter()
+                .map(|node| {
+                    let timeout = self.node_budget(valid_until);
+                    let value = &value;
+                    async move {
+                        let sent = Instant::now();
+                        let reply = node
+                            .eval::<i64>(&scripts::ACQUIRE, keys, &[&&**value, &ttl_ms], timeout)
+                            .await;
+                        (node, reply, sent.elapsed())
+                    }
+                })
+                .collect();
+            while let Some((node, reply, latency)) = replies.next().await {
+                let outcome = match reply {
+                    Ok(1) => {
+                        tally.ok += 1;
+                        "granted"
+                    }
+                    Ok(_) => {
+                        tally.refused += 1;
+                        "held"
+                    }
+                    Err(failure) => {
+                        tally.failed += 1;
+                        failures.push(failure);
+                        "failed"
+                    }
+                };
+                tracing::trace!(
+                    node = node.addr(),
+                    outcome,
+                    latency_us = latency.as_micros() as u64,
+                    "acquire reply"
+                );
+                if tally.decision() != Decision::Pending {
+                    break;
+                }
+            }
+            // Replies still in flight are dropped here; a SET that lands late is removed by
+            // the release below or by the guard's release, which go to every node.
+        }
+
+        let elapsed = start.elapsed();
+        tracing::debug!(
+            attempt,
+            granted = tally.ok,
+            held = tally.refused,
+            failed = tally.failed,
+            quorum_margin = tally.margin(),
+            elapsed_us = elapsed.as_micros() as u64,
+            "acquire round"
+        );
+        let error = match tally.decision() {
+            Decision::Reached if Instant::now() < valid_until => {
+                cleanup.armed = false;
+                return Ok(Granted {
+                    value: value.clone(),
+                    valid_until,
+                });
+            }
+            Decision::Reached => Error::ExpiredDuringAcquire {
+                resource: keys[0].clone(),
+                elapsed,
+                ttl,
+            },
+            _ if tally.failures_alone_prevent_quorum() || tally.refused == 0 => Error::NoQuorum {
+                resource: keys[0].clone(),
+                operation: "acquire",
+                quorum: tally.quorum(),
+                succeeded: tally.ok,
+                failures,
+            },
+            _ => Error::Contended {
+                resource: keys[0].clone(),
+                held_elsewhere: tally.refused,
+                granted: tally.ok,
+                quorum: tally.quorum(),
+                attempts: attempt,
+            },
+        };
+        // Release everywhere now, not after the last retry (node-redlock PR #369): our
+        // partial keys would otherwise block our own next round.
+        self.release_all(keys, &value).await;
+        cleanup.armed = false;
+        Err(error)
+    }
+
+    /// The timeout for one command: the node timeout, but never past the validity.
+    pub(crate) fn node_budget(&self, valid_until: Instant) -> Duration {
+        self.inner
+            .node_timeout
+            .min(valid_until.saturating_duration_since(Instant::now()))
+            .max(Duration::from_millis(1))
+    }
+
+    /// Compare-and-delete on every node, in parallel, waiting for all (each bounded by the
+    /// node timeout).
+    pub(crate) async fn release_all(&self, keys: &[String], value: &str) -> ReleaseOutcome {
+        let timeout = self.inner.node_timeout;
+        let replies =
+            futures_util::future::join_all(self.inner.nodes.iter().map(|node| async move {
+                let sent = Instant::now();
+                let reply = node
+                    .eval::<i64>(&scripts::RELEASE, keys, &[&value], timeout)
+                    .await;
+                (node, reply, sent.elapsed())
+            }))
+            .await;
+        let mut outcome = ReleaseOutcome::default();
+        for (node, reply, latency) in replies {
+            let result = match reply {
+                Ok(n) if n > 0 => {
+                    outcome.deleted += 1;
+                    "deleted"
+                }
+                Ok(_) => "not ours",
+                Err(failure) => {
+                    outcome.failures.push(failure);
+                    "failed"
+                }
+            };
+            tracing::trace!(
+                node = node.addr(),
+                result,
+                latency_us = latency.as_micros() as u64,
+                "release reply"
+            );
+        }
+        outcome
+    }
+
+    /// Compare-and-PEXPIRE on every node, decided at quorum. Never deletes anything.
+    pub(crate) async fn extend_all(
+        &self,
+        keys: &[String],
+        value: &str,
+        ttl: Duration,
+        valid_until: Instant,
+    ) -> (Tally, Vec<NodeFailure>) {
+        let ttl_ms = ttl.as_millis() as u64;
+        let mut tally = Tally::new(self.inner.nodes.len());
+        let mut failures = Vec::new();
+        let mut replies: FuturesUnordered<_> = self
+            .inner
+            .nodes
+            .iter()
+            .map(|node| {
+                let timeout = self.node_budget(valid_until);
+                async move {
+                    let sent = Instant::now();
+                    let reply = node
+                        .eval::<i64>(&scripts::EXTEND, keys, &[&value, &ttl_ms], timeout)
+                        .await;
+                    (node, reply, sent.elapsed())
+                }
+            })
+            .collect();
+        while let Some((node, reply, latency)) = replies.next().await {
+            let result = match reply {
+                Ok(1) => {
+                    tally.ok += 1;
+                    "extended"
+                }
+                Ok(_) => {
+                    tally.refused += 1;
+                    "not ours"
+                }
+                Err(failure) => {
+                    tally.failed += 1;
+                    failures.push(failure);
+                    "failed"
+                }
+            };
+            tracing::trace!(
+                node = node.addr(),
+                result,
+                latency_us = latency.as_micros() as u64,
+                "extend reply"
+            );
+            if tally.decision() != Decision::Pending {
+                break;
+            }
+        }
+        (tally, failures)
+    }
+
+    /// Releases in the background: the guard's `Drop` and cancelled acquisitions use this.
+    /// Never blocks; without a runtime the keys expire with their TTL.
+    pub(crate) fn spawn_release(
+        &self,
+        keys: Arc<[String]>,
+        value: Arc<str>,
+        turn: Option<LocalTurn>,
+    ) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                let client = self.clone();
+                handle.spawn(async move {
+                    let outcome = client.release_all(&keys, &value).await;
+                    if !outcome.failures.is_empty() {
+                        tracing::warn!(resource = %keys[0], failed = outcome.failures.len(), "background release could not reach every node; those keys expire with their TTL");
+                    }
+                    // The next local waiter starts only now that our keys are gone.
+                    drop(turn);
+                });
+            }
+            Err(_) => {
+                tracing::warn!(resource = %keys[0], "no tokio runtime to release the lock; its keys expire with their TTL");
+            }
+        }
+    }
+
+    pub(crate) fn lost(&self, keys: &[String], reason: LostReason) -> Error {
+        Error::Lost {
+            resource: keys[0].clone(),
+            reason,
+        }
+    }
+}
+
+/// 128 bits from the thread-local CSPRNG, hex-encoded: unique per acquisition and opaque,
+/// like node-redlock's and redsync's values.
+fn new_value() -> String {
+    let bits: u128 = rand::random();
+    format!("{bits:032x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_128_bit_and_unique() {
+        let a = new_value();
+        let b = new_value();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+    }
+
+    #[tokio::test]
+    async fn drift_is_a_fraction_plus_two_ms() {
+        let client = Redlock::builder()
+            .node("redis://127.0.0.1:1")
+            .drift_factor(0.01)
+            .connect_timeout(Duration::from_millis(10))
+            .build()
+            .await
+            .unwrap();
+        assert_eq!(
+            client.drift(Duration::from_secs(10)),
+            Duration::from_millis(102)
+        );
+        assert!(client.check_ttl(Duration::from_millis(2)).is_err());
+        assert!(client.check_ttl(Duration::ZERO).is_err());
+        assert!(client.check_ttl(Duration::from_millis(3)).is_ok());
+        let e = client.check_ttl(Duration::from_millis(2)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid `ttl`: 2 ms leaves no validity after a clock drift allowance of 2020 us"
+        );
+    }
+
+    #[tokio::test]
+    async fn validity_budget_caps_the_node_timeout() {
+        let client = Redlock::builder()
+            .node("redis://127.0.0.1:1")
+            .node_timeout(Duration::from_millis(50))
+            .connect_timeout(Duration::from_millis(10))
+            .build()
+            .await
+            .unwrap();
+        let soon = Instant::now() + Duration::from_millis(10);
+        assert!(client.node_budget(soon) <= Duration::from_millis(10));
+        let later = Instant::now() + Duration::from_secs(10);
+        assert_eq!(client.node_budget(later), Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,217 @@
+//! The RAII guard of a held lock.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::Instrument;
+
+use crate::client::{Granted, LocalTurn, Redlock};
+use crate::error::{Error, LostReason};
+use crate::quorum::Decision;
+
+/// A held lock on one or more resources.
+///
+/// The guard is `'static + Send`, so it can move into spawned tasks. Release it with
+/// [`release`](Self::release), which reports whether the lock was still held. If it is
+/// dropped instead, a best-effort release is spawned on the current tokio runtime; `Drop`
+/// never blocks and never panics, and without a runtime it logs and lets the TTL expire.
+///
+/// The lock is only safe while [`validity`](Self::validity) is non-zero: check it before
+/// side effects, or better, hand a fencing token to the resource you protect.
+#[must_use = "dropping the guard releases the lock at once; bind it with `let guard = ...`"]
+pub struct LockGuard {
+    client: Redlock,
+    keys: Arc<[String]>,
+    value: Arc<str>,
+    ttl: Duration,
+    valid_until: Instant,
+    /// `None` once released or abandoned: Drop then does nothing.
+    turn: Option<LocalTurn>,
+}
+
+impl fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockGuard")
+            .field("resources", &self.keys)
+            .field("ttl", &self.ttl)
+            .field("validity", &self.validity())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LockGuard {
+    pub(crate) fn new(
+        client: Redlock,
+        keys: Arc<[String]>,
+        ttl: Duration,
+        granted: Granted,
+        turn: LocalTurn,
+    ) -> Self {
+        LockGuard {
+            client,
+            keys,
+            value: granted.value,
+            ttl,
+            valid_until: granted.valid_until,
+            turn: Some(turn),
+        }
+    }
+
+    /// The resource locked (the first, in sorted order, of a multi-resource lock).
+    pub fn resource(&self) -> &str {
+        &self.keys[0]
+    }
+
+    /// Every resource this guard holds, sorted.
+    pub fn resources(&self) -> &[String] {
+        &self.keys
+    }
+
+    /// The random value stored under each key: lets a service in another language check
+    /// ownership the way node-redlock and redsync do.
+    pub fn value(&self) -> &str {
+        &self.value
+    }
+
+    /// The TTL of the latest acquisition or extension.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The instant, on this process's monotonic clock, when the lock stops being safe:
+    /// acquisition start + TTL − drift.
+    pub fn valid_until(&self) -> Instant {
+        self.valid_until
+    }
+
+    /// How long the lock is still safe; zero once it is not.
+    pub fn validity(&self) -> Duration {
+        self.valid_until.saturating_duration_since(Instant::now())
+    }
+
+    /// Whether validity is left.
+    pub fn is_valid(&self) -> bool {
+        Instant::now() < self.valid_until
+    }
+
+    /// Extends the lock to `ttl` from now on a quorum of nodes.
+    ///
+    /// Refused locally, without asking Redis, once validity has run out. A failed extension
+    /// never deletes anything: if it fails for lack of a quorum, the lock stays valid until
+    /// its previous deadline, and you may try again.
+    ///
+    /// # Errors
+    ///
+    /// [`Lost`](crate::ErrorKind::Lost) when validity is gone or a quorum no longer holds our
+    /// value; [`NoQuorum`](crate::ErrorKind::NoQuorum) or
+    /// [`Timeout`](crate::ErrorKind::Timeout) when too many nodes failed, in which case
+    /// [`valid_until`](Self::valid_until) is unchanged; [`Config`](crate::ErrorKind::Config)
+    /// for a TTL that leaves no validity.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe. If the future is dropped mid-flight some nodes may have extended their
+    /// keys; the guard keeps its earlier, shorter deadline (the safe side) and still
+    /// releases every node.
+    pub async fn extend(&mut self, ttl: Duration) -> Result<(), Error> {
+        if !self.is_valid() {
+            return Err(self.client.lost(&self.keys, LostReason::Expired));
+        }
+        self.client.check_ttl(ttl)?;
+        let span = tracing::info_span!(
+            "fencelock.extend",
+            resource = %self.keys[0],
+            ttl_ms = ttl.as_millis() as u64,
+            quorum_margin = tracing::field::Empty,
+        );
+        let start = Instant::now();
+        let new_valid_until = start + ttl - self.client.drift(ttl);
+        let (tally, failures) = self
+            .client
+            .extend_all(&self.keys, &self.value, ttl, self.valid_until)
+            .instrument(span.clone())
+            .await;
+        span.record("quorum_margin", tally.margin());
+        match tally.decision() {
+            Decision::Reached if Instant::now() < self.valid_until => {
+                self.valid_until = new_valid_until;
+                self.ttl = ttl;
+                Ok(())
+            }
+            // Granted, but only after our previous validity ran out: someone else may have
+            // held it in between by our clock's reckoning.
+            Decision::Reached => Err(self.client.lost(&self.keys, LostReason::Expired)),
+            _ if !tally.failures_alone_prevent_quorum() && tally.refused > 0 => {
+                self.valid_until = Instant::now().min(self.valid_until);
+                Err(self.client.lost(&self.keys, LostReason::NotOwned))
+            }
+            _ => Err(Error::NoQuorum {
+                resource: self.keys[0].clone(),
+                operation: "extend",
+                quorum: tally.quorum(),
+                succeeded: tally.ok,
+                failures,
+            }),
+        }
+    }
+
+    /// Releases the lock on every node and reports whether it was still ours.
+    ///
+    /// # Errors
+    ///
+    /// [`Lost`](crate::ErrorKind::Lost) when validity had run out or a quorum no longer held
+    /// our value: the critical section may not have been exclusive, which you should know.
+    /// [`NoQuorum`](crate::ErrorKind::NoQuorum) when too many nodes could not be reached:
+    /// their keys expire with the TTL. Either way nothing of ours is left that could be
+    /// deleted.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe. The guard is consumed when the call starts; if the future is dropped
+    /// mid-flight, the release that was sent still happens on the nodes that got it, and
+    /// the rest expire with the TTL.
+    pub async fn release(mut self) -> Result<(), Error> {
+        let turn = self.turn.take();
+        let expired = !self.is_valid();
+        let span = tracing::info_span!("fencelock.release", resource = %self.keys[0], deleted = tracing::field::Empty);
+        let outcome = self
+            .client
+            .release_all(&self.keys, &self.value)
+            .instrument(span.clone())
+            .await;
+        span.record("deleted", outcome.deleted);
+        drop(turn);
+        let quorum = self.client.quorum();
+        if expired {
+            Err(self.client.lost(&self.keys, LostReason::Expired))
+        } else if outcome.deleted >= quorum {
+            Ok(())
+        } else if outcome.failures.len() > self.client.nodes().len() - quorum {
+            Err(Error::NoQuorum {
+                resource: self.keys[0].clone(),
+                operation: "release",
+                quorum,
+                succeeded: outcome.deleted,
+                failures: outcome.failures,
+            })
+        } else {
+            Err(self.client.lost(&self.keys, LostReason::NotOwned))
+        }
+    }
+
+    /// Gives the guard up without releasing: the keys stay on the nodes until their TTL
+    /// expires. Other tasks of this process may start contending at once.
+    pub fn abandon(mut self) {
+        self.turn = None;
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if let Some(turn) = self.turn.take() {
+            self.client
+                .spawn_release(self.keys.clone(), self.value.clone(), Some(turn));
+        }
+    }
+}

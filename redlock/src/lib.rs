@@ -1,0 +1,73 @@
+//! # fencelock
+//!
+//! Redlock done right: mutual exclusion across processes and machines through a quorum of
+//! independent Redis nodes.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use fencelock::Redlock;
+//!
+//! # async fn demo() -> Result<(), fencelock::Error> {
+//! let locks = Redlock::builder()
+//!     .nodes(["redis://127.0.0.1:7001", "redis://127.0.0.1:7002", "redis://127.0.0.1:7003"])
+//!     .build()
+//!     .await?;
+//! let guard = locks.lock("payment:42", Duration::from_secs(10)).await?;
+//! // ... critical section; guard.validity() tells how long it is still safe ...
+//! guard.release().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## The algorithm
+//!
+//! An acquisition sends one script to all N nodes in parallel, each command bounded by a
+//! per-node timeout and by the remaining validity, and decides as soon as the outcome is
+//! certain: `N / 2 + 1` grants, or more refusals and failures than `N - quorum`. Validity is
+//! `ttl − elapsed − (ttl × drift_factor + 2 ms)` on the monotonic clock. A failed round
+//! releases on every node at once, then retries after a delay plus random jitter.
+//!
+//! Release is compare-and-delete and extension compare-and-`PEXPIRE`, both by script, so
+//! nobody can free or prolong a lock that is not theirs, and a failed extension never
+//! deletes a valid lock.
+//!
+//! ## Failure model
+//!
+//! Safety holds while fewer than a quorum of nodes lose data during a lock's TTL and
+//! process clocks advance within the drift factor. Down, paused or slow minorities only
+//! cost their per-node timeout; a majority down gives a fast
+//! [`NoQuorum`](ErrorKind::NoQuorum) error.
+
+mod builder;
+mod client;
+mod error;
+mod guard;
+mod node;
+mod quorum;
+mod retry;
+mod scripts;
+
+pub use builder::{
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRIFT_FACTOR, DEFAULT_NODE_TIMEOUT, RedlockBuilder,
+};
+pub use client::Redlock;
+pub use error::{ConfigError, Error, ErrorKind, LostReason, NodeFailure};
+pub use guard::LockGuard;
+pub use retry::RetryPolicy;
+
+#[cfg(test)]
+mod send_sync {
+    fn is_send<T: Send>() {}
+    fn is_sync<T: Sync>() {}
+    fn is_static<T: 'static>() {}
+
+    #[test]
+    fn public_types_are_send_sync_static() {
+        is_send::<crate::Redlock>();
+        is_sync::<crate::Redlock>();
+        is_send::<crate::LockGuard>();
+        is_sync::<crate::LockGuard>();
+        is_static::<crate::LockGuard>();
+        is_send::<crate::Error>();
+        is_sync::<crate::Error>();
+    }
+}
