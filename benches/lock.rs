@@ -1,1 +1,245 @@
-fn main() {}
+//! Lock throughput and latency on real nodes, against raw `redis-benchmark` on the same
+//! nodes in the same run.
+//!
+//! Run with `cargo bench --bench lock` (needs Docker, the `redis:7.0` image from
+//! `scripts/redis-image.sh`, and `redis-benchmark` from Debian's `redis-tools`). It starts
+//! its own nodes, makes `RUNS` runs of every scenario, and prints medians as a table.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use fencelock::{Redlock, RetryPolicy};
+use support::Cluster;
+
+const RUNS: usize = 3;
+const PHASE: Duration = Duration::from_secs(2);
+const TTL: Duration = Duration::from_secs(30);
+
+#[derive(Default, Clone, Copy)]
+struct Row {
+    seq_rate: f64,
+    acq_p50: f64,
+    acq_p99: f64,
+    rel_p50: f64,
+    rel_p99: f64,
+    par_rate: f64,
+    cont_rate: f64,
+    cont_gave_up: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e6
+}
+
+async fn client(urls: &[String]) -> Redlock {
+    Redlock::builder()
+        .nodes(urls.iter().cloned())
+        .node_timeout(Duration::from_millis(250))
+        .build()
+        .await
+        .expect("client")
+}
+
+async fn sequential(locks: &Redlock) -> (f64, Vec<Duration>, Vec<Duration>) {
+    let (mut acq, mut rel) = (Vec::new(), Vec::new());
+    let start = Instant::now();
+    while start.elapsed() < PHASE {
+        let t0 = Instant::now();
+        let guard = locks.lock("bench:seq", TTL).await.expect("lock");
+        let t1 = Instant::now();
+        guard.release().await.expect("release");
+        acq.push(t1 - t0);
+        rel.push(t1.elapsed());
+    }
+    let rate = acq.len() as f64 / start.elapsed().as_secs_f64();
+    acq.sort();
+    rel.sort();
+    (rate, acq, rel)
+}
+
+async fn parallel(locks: &Redlock, tasks: usize) -> f64 {
+    let cycles = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            let (locks, cycles) = (locks.clone(), cycles.clone());
+            tokio::spawn(async move {
+                let resource = format!("bench:par:{t}");
+                while start.elapsed() < PHASE {
+                    let guard = locks.lock(&resource, TTL).await.expect("lock");
+                    guard.release().await.expect("release");
+                    cycles.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await.unwrap();
+    }
+    cycles.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// 16 tasks on one resource, with the default retry policy: critical sections per second
+/// and lock calls that gave up.
+async fn contention(locks: &Redlock, tasks: usize) -> (f64, f64) {
+    let sections = Arc::new(AtomicU64::new(0));
+    let gave_up = Arc::new(AtomicU64::new(0));
+    let inside = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let handles: Vec<_> = (0..tasks)
+        .map(|_| {
+            let (locks, sections, gave_up, inside) = (
+                locks.clone(),
+                sections.clone(),
+                gave_up.clone(),
+                inside.clone(),
+            );
+            tokio::spawn(async move {
+                while start.elapsed() < PHASE {
+                    match locks.lock("bench:contended", TTL).await {
+                        Ok(guard) => {
+                            assert!(!inside.swap(true, Ordering::SeqCst), "two holders");
+                            inside.store(false, Ordering::SeqCst);
+                            guard.release().await.expect("release");
+                            sections.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) => {
+                            gave_up.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await.unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    (
+        sections.load(Ordering::Relaxed) as f64 / secs,
+        gave_up.load(Ordering::Relaxed) as f64,
+    )
+}
+
+/// `redis-benchmark` `SET k v NX PX 30000` on one node: requests per second.
+fn raw_set(port: u16, clients: u32) -> f64 {
+    let out = Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-c", &clients.to_string(), "-n", "50000", "--csv"])
+        .args(["SET", "bench:raw", "v", "NX", "PX", "30000"])
+        .output()
+        .expect("run redis-benchmark (apt-get install redis-tools)");
+    assert!(
+        out.status.success(),
+        "redis-benchmark failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let csv = String::from_utf8_lossy(&out.stdout);
+    // "test","rps",...  then  "SET bench:raw ...","12345.67",...
+    let line = csv.lines().nth(1).expect("a result line");
+    line.split(',')
+        .nth(1)
+        .expect("an rps column")
+        .trim_matches('"')
+        .parse()
+        .expect("rps")
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    // `cargo bench` passes `--bench`; there is nothing to filter.
+    let cluster = Cluster::start(5).await;
+    let urls = cluster.urls();
+    let port: u16 = urls[0].rsplit(':').next().unwrap().parse().unwrap();
+    let sizes = [1usize, 3, 5];
+    let mut rows: Vec<Vec<Row>> = vec![Vec::new(); sizes.len()];
+    let (mut raw1, mut raw50) = (Vec::new(), Vec::new());
+    for run in 0..RUNS {
+        eprintln!("run {}/{RUNS}", run + 1);
+        raw1.push(raw_set(port, 1));
+        raw50.push(raw_set(port, 50));
+        for (i, &n) in sizes.iter().enumerate() {
+            let locks = client(&urls[..n]).await;
+            let (seq_rate, acq, rel) = sequential(&locks).await;
+            let par_rate = parallel(&locks, 64).await;
+            let (cont_rate, cont_gave_up) = contention(&locks, 16).await;
+            rows[i].push(Row {
+                seq_rate,
+                acq_p50: percentile(&acq, 0.5),
+                acq_p99: percentile(&acq, 0.99),
+                rel_p50: percentile(&rel, 0.5),
+                rel_p99: percentile(&rel, 0.99),
+                par_rate,
+                cont_rate,
+                cont_gave_up,
+            });
+        }
+    }
+    // The raw SET of the baseline leaves its key behind; nothing of the lock's should be.
+    for i in 0..5 {
+        let mut c = cluster.conn(i).await;
+        let _: () = redis::cmd("DEL")
+            .arg("bench:raw")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    cluster.assert_no_keys().await;
+
+    let raw1 = median(raw1);
+    let raw50 = median(raw50);
+    let m = |i: usize, f: fn(&Row) -> f64| median(rows[i].iter().map(f).collect());
+    println!(
+        "\nfencelock lock benchmark: medians of {RUNS} runs, {}s per phase, TTL {}s",
+        PHASE.as_secs(),
+        TTL.as_secs()
+    );
+    println!(
+        "baseline redis-benchmark SET NX PX on node 0: -c 1 {raw1:.0}/s, -c 50 {raw50:.0}/s\n"
+    );
+    println!(
+        "| nodes | seq cycles/s | acquire p50 | acquire p99 | release p50 | release p99 | 64 tasks cycles/s | 16 contending CS/s | gave up |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (i, n) in sizes.iter().enumerate() {
+        println!(
+            "| {n} | {:.0} | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.0} | {:.0} | {:.0} |",
+            m(i, |r| r.seq_rate),
+            m(i, |r| r.acq_p50),
+            m(i, |r| r.acq_p99),
+            m(i, |r| r.rel_p50),
+            m(i, |r| r.rel_p99),
+            m(i, |r| r.par_rate),
+            m(i, |r| r.cont_rate),
+            m(i, |r| r.cont_gave_up),
+        );
+    }
+    let five = sizes.len() - 1;
+    println!("\nratios on 5 nodes against the same run's raw figures (targets in parentheses):");
+    println!(
+        "  sequential / raw -c 1:      {:.2}x (>= 0.25)",
+        m(five, |r| r.seq_rate) / raw1
+    );
+    println!(
+        "  64 tasks / raw -c 50:       {:.2}x (>= 0.40)",
+        m(five, |r| r.par_rate) / raw50
+    );
+    println!(
+        "  contention / raw -c 50:     {:.3}x (>= 0.08), gave up {:.0}",
+        m(five, |r| r.cont_rate) / raw50,
+        m(five, |r| r.cont_gave_up)
+    );
+    let _ = RetryPolicy::default();
+    cluster.teardown().await;
+}

@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use rand::SeedableRng;
+use rand::TryRngCore;
+use rand::rngs::{OsRng, SmallRng};
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 use tracing::Instrument;
 
@@ -318,7 +321,8 @@ impl Redlock {
                         return Ok(LockGuard::new(self.clone(), keys, ttl, granted, turn));
                     }
                     Err(e) if e.is_retryable() && attempt <= policy.retries() => {
-                        let wait = policy.next_delay(&mut rand::rng());
+                        // Jitter needs no CSPRNG; a fresh SmallRng per wait keeps the future Send.
+                        let wait = policy.next_delay(&mut SmallRng::from_os_rng());
                         tracing::debug!(attempt, error = %e, wait_ms = wait.as_millis() as u64, "acquire round failed; retrying");
                         tokio::time::sleep(wait).await;
                     }
@@ -498,28 +502,39 @@ impl Redlock {
             .max(Duration::from_millis(1))
     }
 
-    /// Compare-and-delete on every node, in parallel, waiting for all (each bounded by the
-    /// node timeout).
+    /// Compare-and-delete on every node, in parallel, each bounded by the node timeout.
+    ///
+    /// Waits for every node rather than a quorum: a command handed to a connection is not
+    /// yet written to its socket, and a process that exits right after `release` (a CLI,
+    /// a short job) would otherwise leave keys behind until their TTL.
     pub(crate) async fn release_all(&self, keys: &[String], value: &str) -> ReleaseOutcome {
         let timeout = self.inner.node_timeout;
-        let replies =
-            futures_util::future::join_all(self.inner.nodes.iter().map(|node| async move {
+        let mut replies: FuturesUnordered<_> = self
+            .inner
+            .nodes
+            .iter()
+            .map(|node| async move {
                 let sent = Instant::now();
                 let reply = node
                     .eval::<i64>(&scripts::RELEASE, keys, &[&value], timeout)
                     .await;
                 (node, reply, sent.elapsed())
-            }))
-            .await;
+            })
+            .collect();
         let mut outcome = ReleaseOutcome::default();
-        for (node, reply, latency) in replies {
+        let mut tally = Tally::new(self.inner.nodes.len());
+        while let Some((node, reply, latency)) = replies.next().await {
             let result = match reply {
                 Ok(n) if n > 0 => {
-                    outcome.deleted += 1;
+                    tally.ok += 1;
                     "deleted"
                 }
-                Ok(_) => "not ours",
+                Ok(_) => {
+                    tally.refused += 1;
+                    "not ours"
+                }
                 Err(failure) => {
+                    tally.failed += 1;
                     outcome.failures.push(failure);
                     "failed"
                 }
@@ -531,6 +546,7 @@ impl Redlock {
                 "release reply"
             );
         }
+        outcome.deleted = tally.ok;
         outcome
     }
 
@@ -623,10 +639,13 @@ impl Redlock {
     }
 }
 
-/// 128 bits from the thread-local CSPRNG, hex-encoded: unique per acquisition and opaque,
-/// like node-redlock's and redsync's values.
+/// 128 bits from the operating system's CSPRNG, hex-encoded: unique per acquisition and
+/// opaque, like node-redlock's and redsync's values.
 fn new_value() -> String {
-    let bits: u128 = rand::random();
+    let bits: u128 = OsRng
+        .try_next_u64()
+        .and_then(|hi| Ok((u128::from(hi) << 64) | u128::from(OsRng.try_next_u64()?)))
+        .expect("the operating system's random number generator failed");
     format!("{bits:032x}")
 }
 

@@ -9,7 +9,8 @@ use std::time::Duration;
 pub enum ErrorKind {
     /// Another owner holds the lock on enough nodes that a quorum was impossible.
     Contended,
-    /// Too many nodes failed or timed out for a quorum, independent of contention.
+    /// Too many nodes failed or timed out for a quorum, independent of contention. The
+    /// error lists each failed node and whether it timed out or errored.
     NoQuorum,
     /// A quorum was reached, but the acquisition took so long that no validity was left.
     ExpiredDuringAcquire,
@@ -17,7 +18,7 @@ pub enum ErrorKind {
     Lost,
     /// A node answered with an error (a Redis error, not a timeout).
     Redis,
-    /// A node did not answer within the per-node timeout.
+    /// A single-node operation got no answer within the per-node timeout.
     Timeout,
     /// The configuration, or an argument such as a TTL or resource name, is invalid.
     Config,
@@ -165,17 +166,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Contended { .. } => ErrorKind::Contended,
-            Error::NoQuorum { failures, .. } => {
-                if !failures.is_empty()
-                    && failures
-                        .iter()
-                        .all(|f| matches!(f, NodeFailure::Timeout { .. }))
-                {
-                    ErrorKind::Timeout
-                } else {
-                    ErrorKind::NoQuorum
-                }
-            }
+            Error::NoQuorum { .. } => ErrorKind::NoQuorum,
             Error::ExpiredDuringAcquire { .. } => ErrorKind::ExpiredDuringAcquire,
             Error::Lost { .. } => ErrorKind::Lost,
             Error::Redis(NodeFailure::Timeout { .. }) => ErrorKind::Timeout,
@@ -317,7 +308,7 @@ mod tests {
     }
 
     #[test]
-    fn no_quorum_of_timeouts_is_a_timeout() {
+    fn no_quorum_lists_the_failed_nodes() {
         let e = Error::NoQuorum {
             resource: "r".into(),
             operation: "acquire",
@@ -328,7 +319,7 @@ mod tests {
                 after: Duration::from_millis(50),
             }],
         };
-        assert_eq!(e.kind(), ErrorKind::Timeout);
+        assert_eq!(e.kind(), ErrorKind::NoQuorum);
         assert_eq!(
             e.to_string(),
             "acquire of `r` reached 0 of the 2 nodes a quorum needs; failed: a:1: no answer within 50ms"

@@ -7,6 +7,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, Script, ToRedisArgs};
 
 use crate::error::{Error, NodeFailure};
+use crate::scripts;
 
 /// A lock node. All tasks of a process share its one multiplexed connection, which is what
 /// lets 64 concurrent lockers cost 64 pipelined commands rather than 64 connections.
@@ -84,11 +85,21 @@ impl Node {
         }
     }
 
-    /// Opens the connection now rather than on the first lock. Returns the failure, if any.
+    /// Opens the connection and loads the scripts now rather than on the first lock.
+    ///
+    /// Loading matters beyond latency: a round decided at quorum drops the replies still in
+    /// flight, and a command already sent still runs on its node, but a NOSCRIPT reply would
+    /// need a second step that a dropped future never takes. With the scripts loaded, one
+    /// EVALSHA per node is the whole operation.
     pub(crate) async fn warm_up(&self, timeout: Duration) -> Result<(), NodeFailure> {
         let mut conn = self.conn.clone();
-        let ping = redis::cmd("PING");
-        match tokio::time::timeout(timeout, ping.query_async::<()>(&mut conn)).await {
+        let load = async {
+            for script in [&*scripts::ACQUIRE, &*scripts::RELEASE, &*scripts::EXTEND] {
+                script.load_async(&mut conn).await?;
+            }
+            Ok::<_, redis::RedisError>(())
+        };
+        match tokio::time::timeout(timeout, load).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => Err(NodeFailure::Redis {
                 node: self.addr.clone(),

@@ -1,0 +1,234 @@
+//! The shared test fixture: N real `redis:7.0` nodes in containers, with faults on demand.
+//!
+//! Every node runs on the host's network namespace at a port chosen up front, so that a
+//! stopped and restarted node comes back at the address the client already has (a mapped
+//! port would change), and no docker-proxy sits between client and node. Nodes run without persistence (`--save "" --appendonly no`): a restart empties
+//! them, which is the harshest case for the lock.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use fencelock::Redlock;
+use futures_util::future::join_all;
+use redis::AsyncCommands;
+use testcontainers::bollard::query_parameters::KillContainerOptions;
+use testcontainers::core::WaitFor;
+use testcontainers::runners::AsyncRunner;
+use testcontainers::{ContainerAsync, GenericImage, ImageExt};
+
+/// A node timeout that tolerates a loaded 2-core CI machine running five containers.
+pub const TEST_NODE_TIMEOUT: Duration = Duration::from_millis(250);
+
+pub struct Node {
+    container: ContainerAsync<GenericImage>,
+    port: u16,
+}
+
+impl Node {
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn start_node() -> Node {
+    let port = free_port();
+    let port_arg = port.to_string();
+    // Host networking: the node listens on 127.0.0.1:<port> itself, with no docker-proxy
+    // hop in between, so latency figures are Redis's and not the proxy's, and the port
+    // survives a stop and start.
+    let image = GenericImage::new("redis", "7.0")
+        .with_wait_for(WaitFor::message_on_stdout("Ready to accept connections"))
+        .with_cmd([
+            "redis-server",
+            "--port",
+            port_arg.as_str(),
+            "--bind",
+            "127.0.0.1",
+            "--protected-mode",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .with_network("host")
+        .with_label("fencelock-test", "node")
+        .with_startup_timeout(Duration::from_secs(60));
+    let container = image
+        .start()
+        .await
+        .expect("start a redis:7.0 container (run scripts/redis-image.sh first)");
+    Node { container, port }
+}
+
+impl Cluster {
+    /// Starts `n` nodes in parallel.
+    pub async fn start(n: usize) -> Cluster {
+        let nodes = join_all((0..n).map(|_| start_node())).await;
+        Cluster { nodes }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(Node::url).collect()
+    }
+
+    /// A client over every node, with the test node timeout.
+    pub async fn client(&self) -> Redlock {
+        Redlock::builder()
+            .nodes(self.urls())
+            .node_timeout(TEST_NODE_TIMEOUT)
+            .build()
+            .await
+            .expect("build a client")
+    }
+
+    pub async fn conn(&self, i: usize) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.nodes[i].url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to a node directly")
+    }
+
+    /// `docker stop`: the node goes away and, when started again, comes back empty.
+    pub async fn stop(&self, i: usize) {
+        self.nodes[i]
+            .container
+            .stop_with_timeout(Some(0))
+            .await
+            .expect("stop node");
+    }
+
+    /// `docker start` after a stop or kill, waiting until the node answers PING.
+    pub async fn start_again(&self, i: usize) {
+        self.nodes[i].container.start().await.expect("start node");
+        self.wait_ready(i).await;
+    }
+
+    /// SIGKILL the redis-server process.
+    pub async fn kill(&self, i: usize) {
+        let docker = testcontainers::core::client::docker_client_instance()
+            .await
+            .expect("docker client");
+        docker
+            .kill_container(
+                self.nodes[i].container.id(),
+                Some(KillContainerOptions {
+                    signal: "SIGKILL".into(),
+                }),
+            )
+            .await
+            .expect("kill node");
+    }
+
+    /// `docker pause` (SIGSTOP-like): the port stays open, nothing answers.
+    pub async fn pause(&self, i: usize) {
+        self.nodes[i].container.pause().await.expect("pause node");
+    }
+
+    pub async fn unpause(&self, i: usize) {
+        self.nodes[i]
+            .container
+            .unpause()
+            .await
+            .expect("unpause node");
+    }
+
+    /// Stop and start: the node comes back empty at the same address.
+    pub async fn restart_empty(&self, i: usize) {
+        self.stop(i).await;
+        self.start_again(i).await;
+    }
+
+    async fn wait_ready(&self, i: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.ping(i).await {
+                return;
+            }
+            assert!(Instant::now() < deadline, "node {i} did not come back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn ping(&self, i: usize) -> bool {
+        let Ok(client) = redis::Client::open(self.nodes[i].url()) else {
+            return false;
+        };
+        let connect = client.get_multiplexed_async_connection();
+        let Ok(Ok(mut c)) = tokio::time::timeout(Duration::from_secs(1), connect).await else {
+            return false;
+        };
+        redis::cmd("PING")
+            .query_async::<String>(&mut c)
+            .await
+            .is_ok()
+    }
+
+    /// Every key on node `i`.
+    pub async fn keys(&self, i: usize) -> Vec<String> {
+        let mut c = self.conn(i).await;
+        c.keys("*").await.expect("KEYS")
+    }
+
+    /// How many nodes hold `key`.
+    pub async fn holders(&self, key: &str) -> usize {
+        let mut n = 0;
+        for i in 0..self.nodes.len() {
+            let mut c = self.conn(i).await;
+            let exists: bool = c.exists(key).await.unwrap();
+            n += usize::from(exists);
+        }
+        n
+    }
+
+    /// The fixture check after every test: within `grace`, no key is left on any node.
+    /// Nodes that are down or paused must be brought back first.
+    pub async fn assert_no_keys_within(&self, grace: Duration) {
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        self.assert_no_keys_on(&all, grace).await;
+    }
+
+    /// As [`assert_no_keys_within`], on the listed nodes only (the others may be paused).
+    pub async fn assert_no_keys_on(&self, nodes: &[usize], grace: Duration) {
+        let deadline = Instant::now() + grace;
+        loop {
+            let mut left = Vec::new();
+            for &i in nodes {
+                for k in self.keys(i).await {
+                    left.push(format!("node {i}: {k}"));
+                }
+            }
+            if left.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "keys left behind: {left:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn assert_no_keys(&self) {
+        self.assert_no_keys_within(Duration::from_secs(1)).await;
+    }
+
+    /// Removes every container now (their Drop would too, but later and less visibly).
+    pub async fn teardown(self) {
+        join_all(self.nodes.into_iter().map(|n| async move {
+            let _ = n.container.rm().await;
+        }))
+        .await;
+    }
+}
