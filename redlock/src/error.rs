@@ -113,7 +113,8 @@ pub enum Error {
         granted: usize,
         /// How many nodes a quorum needs.
         quorum: usize,
-        /// How many rounds were made.
+        /// How many rounds were made; 0 when another task of this process held the
+        /// resource for the whole wait, so no round was made.
         attempts: u32,
     },
     /// Too many nodes were unreachable, failed or timed out for a quorum.
@@ -191,6 +192,12 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Error::Contended {
+                resource, attempts, ..
+            } if *attempts == 0 => write!(
+                f,
+                "lock on `{resource}` is held by another task of this process"
+            ),
             Error::Contended {
                 resource,
                 held_elsewhere,
