@@ -14,17 +14,10 @@ async fn a_node_redlock_lock_refuses_us() {
     let cluster = Cluster::start(3).await;
     // node-redlock v5 acquires with `SET key <random> NX PX ttl` on every node.
     for i in 0..3 {
-        let mut c = cluster.conn(i).await;
-        let ok: Option<String> = redis::cmd("SET")
-            .arg("interop:order:1")
-            .arg("a1b2c3d4e5f60718293a4b5c6d7e8f90")
-            .arg("NX")
-            .arg("PX")
-            .arg(30_000)
-            .query_async(&mut c)
-            .await
-            .unwrap();
-        assert_eq!(ok.as_deref(), Some("OK"));
+        let granted = cluster
+            .foreign_set_nx(i, "interop:order:1", "a1b2c3d4e5f60718293a4b5c6d7e8f90")
+            .await;
+        assert!(granted, "node {i}");
     }
     let locks = cluster.client().await;
     let err = locks
@@ -57,20 +50,10 @@ async fn our_lock_makes_a_plain_set_nx_fail() {
         // The key is the resource name as given, no prefix.
         let v: String = c.get("interop:order:2").await.unwrap();
         assert_eq!(v, guard.value());
-        let set: redis::Value = redis::cmd("SET")
-            .arg("interop:order:2")
-            .arg("node-redlock")
-            .arg("NX")
-            .arg("PX")
-            .arg(30_000)
-            .query_async(&mut c)
-            .await
-            .unwrap();
-        assert_eq!(
-            set,
-            redis::Value::Nil,
-            "node {i}: SET NX must fail while we hold it"
-        );
+        let granted = cluster
+            .foreign_set_nx(i, "interop:order:2", "node-redlock")
+            .await;
+        assert!(!granted, "node {i}: SET NX must fail while we hold it");
     }
     guard.release().await.unwrap();
     cluster.assert_no_keys().await;

@@ -39,16 +39,7 @@ async fn one_key_held_on_a_majority_sets_nothing() {
     let locks = cluster.client().await;
     // Another client holds `multi:y` on two of the three nodes.
     for i in [0, 2] {
-        let mut c = cluster.conn(i).await;
-        let _: () = redis::cmd("SET")
-            .arg("multi:y")
-            .arg("foreign")
-            .arg("NX")
-            .arg("PX")
-            .arg(30_000)
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        assert!(cluster.foreign_set_nx(i, "multi:y", "foreign").await);
     }
     let err = locks
         .try_lock_many(&["multi:x", "multi:y", "multi:z"], Duration::from_secs(10))

@@ -184,10 +184,32 @@ impl Cluster {
         c.keys("*").await.expect("KEYS")
     }
 
+    /// Locks `key` on node `i` the way node-redlock v5 and redsync do:
+    /// `SET key <value> NX PX 30000`. Returns whether the node granted it.
+    pub async fn foreign_set_nx(&self, i: usize, key: &str, value: &str) -> bool {
+        let mut c = self.conn(i).await;
+        let reply: redis::Value = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .arg("NX")
+            .arg("PX")
+            .arg(30_000)
+            .query_async(&mut c)
+            .await
+            .expect("SET NX PX");
+        reply != redis::Value::Nil
+    }
+
     /// How many nodes hold `key`.
     pub async fn holders(&self, key: &str) -> usize {
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        self.holders_on(&all, key).await
+    }
+
+    /// How many of the listed nodes hold `key`.
+    pub async fn holders_on(&self, nodes: &[usize], key: &str) -> usize {
         let mut n = 0;
-        for i in 0..self.nodes.len() {
+        for &i in nodes {
             let mut c = self.conn(i).await;
             let exists: bool = c.exists(key).await.unwrap();
             n += usize::from(exists);
