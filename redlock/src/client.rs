@@ -326,11 +326,8 @@ impl Redlock {
                         tracing::debug!(attempt, error = %e, wait_ms = wait.as_millis() as u64, "acquire round failed; retrying");
                         tokio::time::sleep(wait).await;
                     }
-                    Err(mut e) => {
+                    Err(e) => {
                         tracing::Span::current().record("attempts", attempt);
-                        if let Error::Contended { attempts, .. } = &mut e {
-                            *attempts = attempt;
-                        }
                         return Err(e);
                     }
                 }
