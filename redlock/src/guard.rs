@@ -142,7 +142,9 @@ impl LockGuard {
             // Granted, but only after our previous validity ran out: someone else may have
             // held it in between by our clock's reckoning.
             Decision::Reached => Err(self.client.lost(&self.keys, LostReason::Expired)),
-            _ if !tally.failures_alone_prevent_quorum() && tally.refused > 0 => {
+            // Only when the refusals alone rule out a quorum is the lock certainly gone;
+            // with failed nodes in the mix it may still be ours until its old deadline.
+            _ if tally.refusals_alone_prevent_quorum() => {
                 self.valid_until = Instant::now().min(self.valid_until);
                 Err(self.client.lost(&self.keys, LostReason::NotOwned))
             }

@@ -75,6 +75,12 @@ impl Tally {
     pub(crate) fn failures_alone_prevent_quorum(&self) -> bool {
         self.failed > self.nodes - self.quorum
     }
+
+    /// Whether the refusals alone rule out a quorum: then fewer than a quorum of nodes can
+    /// still hold our value, whatever the failed nodes would have said.
+    pub(crate) fn refusals_alone_prevent_quorum(&self) -> bool {
+        self.refused > self.nodes - self.quorum
+    }
 }
 
 #[cfg(test)]
@@ -111,9 +117,13 @@ mod tests {
         t.failed = 2;
         assert_eq!(t.decision(), Decision::Impossible, "3 of 5 gone");
         assert!(!t.failures_alone_prevent_quorum());
+        assert!(!t.refusals_alone_prevent_quorum());
         t.refused = 0;
         t.failed = 3;
         assert!(t.failures_alone_prevent_quorum());
+        let mut t = Tally::new(5);
+        t.refused = 3;
+        assert!(t.refusals_alone_prevent_quorum());
     }
 
     #[test]
