@@ -61,10 +61,6 @@ impl Tally {
             Decision::Reached
         } else if self.refused + self.failed > self.nodes - self.quorum {
             Decision::Impossible
-        } else if self.ok + self.refused + self.failed == self.nodes {
-            // Unreachable given the two checks above, kept as a guard against arithmetic
-            // changes: every node has answered and the quorum was not reached.
-            Decision::Impossible
         } else {
             Decision::Pending
         }
