@@ -164,7 +164,14 @@ async fn main() {
     let cluster = Cluster::start(5).await;
     let urls = cluster.urls();
     let port: u16 = urls[0].rsplit(':').next().unwrap().parse().unwrap();
-    let sizes = [1usize, 3, 5];
+    // `BENCH_SIZES=5` limits the node counts, e.g. for profiling one configuration.
+    let sizes: Vec<usize> = std::env::var("BENCH_SIZES")
+        .map(|v| {
+            v.split(',')
+                .map(|n| n.trim().parse().expect("BENCH_SIZES"))
+                .collect()
+        })
+        .unwrap_or_else(|_| vec![1, 3, 5]);
     let mut rows: Vec<Vec<Row>> = vec![Vec::new(); sizes.len()];
     let (mut raw1, mut raw50) = (Vec::new(), Vec::new());
     for run in 0..RUNS {

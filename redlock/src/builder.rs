@@ -25,6 +25,10 @@ pub const DEFAULT_DRIFT_FACTOR: f64 = 0.01;
 /// The default connect timeout: 1 s. Reconnects happen in the background.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The default bound on in-process hand-offs in a row: 8. See
+/// [`RedlockBuilder::max_local_handoffs`].
+pub const DEFAULT_MAX_LOCAL_HANDOFFS: usize = 8;
+
 /// Configures and builds a [`Redlock`] client.
 ///
 /// | setting | default |
@@ -34,6 +38,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// | [`drift_factor`](Self::drift_factor) | [`DEFAULT_DRIFT_FACTOR`], 0.01 |
 /// | [`retry`](Self::retry) | [`RetryPolicy::default`]: 10 retries, 200 ms + up to 200 ms jitter |
 /// | [`connect_timeout`](Self::connect_timeout) | [`DEFAULT_CONNECT_TIMEOUT`], 1 s |
+/// | [`max_local_handoffs`](Self::max_local_handoffs) | [`DEFAULT_MAX_LOCAL_HANDOFFS`], 8 |
 #[derive(Debug, Clone)]
 #[must_use = "a builder does nothing until `build()` is awaited"]
 pub struct RedlockBuilder {
@@ -42,6 +47,7 @@ pub struct RedlockBuilder {
     drift_factor: f64,
     retry: RetryPolicy,
     connect_timeout: Duration,
+    max_local_handoffs: usize,
 }
 
 impl Default for RedlockBuilder {
@@ -52,6 +58,7 @@ impl Default for RedlockBuilder {
             drift_factor: DEFAULT_DRIFT_FACTOR,
             retry: RetryPolicy::default(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_local_handoffs: DEFAULT_MAX_LOCAL_HANDOFFS,
         }
     }
 }
@@ -97,6 +104,18 @@ impl RedlockBuilder {
     /// How long opening a connection to a node may take (default 1 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// How many times in a row a lock may pass directly from one task of this process to
+    /// another that waits for it (default 8; 0 turns hand-offs off).
+    ///
+    /// A hand-off swaps the lock's value for a fresh one in one round, without the keys ever
+    /// being free, instead of a release followed by an acquire: it roughly doubles the rate
+    /// at which contending tasks of one process get through. After this many in a row the
+    /// lock is released for real, so that other processes get their chance at it.
+    pub fn max_local_handoffs(mut self, n: usize) -> Self {
+        self.max_local_handoffs = n;
         self
     }
 
@@ -170,6 +189,7 @@ impl RedlockBuilder {
             self.node_timeout,
             self.drift_factor,
             self.retry,
+            self.max_local_handoffs,
         )))
     }
 }

@@ -1,8 +1,7 @@
 //! The shared client: the nodes, the settings and the in-process wait queues.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -10,13 +9,13 @@ use futures_util::stream::FuturesUnordered;
 use rand::SeedableRng;
 use rand::TryRngCore;
 use rand::rngs::{OsRng, SmallRng};
-use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 use tracing::Instrument;
 
 use crate::builder::RedlockBuilder;
 use crate::error::{Error, LostReason, NodeFailure};
 use crate::guard::LockGuard;
-use crate::node::Node;
+use crate::local::{Baton, LocalTurn, Slots};
+use crate::node::{Node, ToRedisArgsDyn};
 use crate::quorum::{Decision, Tally, quorum};
 use crate::retry::RetryPolicy;
 use crate::scripts;
@@ -42,10 +41,10 @@ pub(crate) struct Inner {
     node_timeout: Duration,
     drift_factor: f64,
     retry: RetryPolicy,
+    max_local_handoffs: usize,
     /// Tasks of this process that want the same resource queue here instead of hammering
-    /// the nodes: one of them contends in Redis, the rest wait for a hand-off that needs no
-    /// retry delay.
-    local: StdMutex<HashMap<String, Arc<AsyncMutex<()>>>>,
+    /// the nodes: one of them contends in Redis, the rest wait for a hand-off.
+    local: Slots,
 }
 
 impl Inner {
@@ -54,6 +53,7 @@ impl Inner {
         node_timeout: Duration,
         drift_factor: f64,
         retry: RetryPolicy,
+        max_local_handoffs: usize,
     ) -> Self {
         Inner {
             quorum: quorum(nodes.len()),
@@ -61,7 +61,8 @@ impl Inner {
             node_timeout,
             drift_factor,
             retry,
-            local: StdMutex::new(HashMap::new()),
+            max_local_handoffs,
+            local: Slots::default(),
         }
     }
 }
@@ -78,47 +79,12 @@ impl fmt::Debug for Redlock {
     }
 }
 
-/// The in-process part of a lock: this process's turn at the resources. Held by the guard
-/// (and by a spawned release) so that the next local waiter starts only once our keys are
-/// gone from the nodes.
-pub(crate) struct LocalTurn {
-    client: Redlock,
-    keys: Arc<[String]>,
-    guards: Vec<OwnedMutexGuard<()>>,
-}
-
-impl fmt::Debug for LocalTurn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LocalTurn")
-            .field("keys", &self.keys)
-            .finish()
-    }
-}
-
-impl Drop for LocalTurn {
-    fn drop(&mut self) {
-        self.guards.clear();
-        // Forget queues nobody uses any more. Clones are only made under this lock, so a
-        // count of 1 (the map's own) means no holder and no waiter.
-        let mut map = self
-            .client
-            .inner
-            .local
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        for key in self.keys.iter() {
-            if map.get(key).is_some_and(|m| Arc::strong_count(m) == 1) {
-                map.remove(key);
-            }
-        }
-    }
-}
-
 /// Releases a failed or abandoned acquisition if its future is dropped before it decides.
 struct PendingCleanup<'a> {
     client: &'a Redlock,
     keys: &'a Arc<[String]>,
-    value: &'a Arc<str>,
+    /// This round's value, then those of the hand-off chain it started from.
+    values: &'a [Arc<str>],
     armed: bool,
 }
 
@@ -126,7 +92,7 @@ impl Drop for PendingCleanup<'_> {
     fn drop(&mut self) {
         if self.armed {
             self.client
-                .spawn_release(self.keys.clone(), self.value.clone(), None);
+                .spawn_release(self.keys.clone(), self.values.to_vec(), None);
         }
     }
 }
@@ -140,7 +106,9 @@ pub(crate) struct ReleaseOutcome {
 
 /// What a successful acquire round hands to the guard.
 pub(crate) struct Granted {
-    pub(crate) value: Arc<str>,
+    /// This acquisition's value first, then the values of the hand-off chain that led to
+    /// it (empty for an acquisition from scratch); nodes may hold any of them.
+    pub(crate) values: Vec<Arc<str>>,
     pub(crate) valid_until: Instant,
 }
 
@@ -154,6 +122,14 @@ impl Redlock {
         Redlock {
             inner: Arc::new(inner),
         }
+    }
+
+    pub(crate) fn slots(&self) -> &Slots {
+        &self.inner.local
+    }
+
+    pub(crate) fn max_local_handoffs(&self) -> usize {
+        self.inner.max_local_handoffs
     }
 
     /// How many nodes must agree: `n / 2 + 1`.
@@ -311,15 +287,22 @@ impl Redlock {
             attempts = tracing::field::Empty,
         );
         async move {
-            let turn = self.local_turn(&keys, policy).await?;
+            let mut turn = LocalTurn::wait(self, &keys, policy).await?;
+            let mut baton = turn.take_baton().await;
             let mut attempt = 0u32;
             loop {
-                attempt += 1;
-                match self.round(&keys, ttl, attempt).await {
+                let from = baton.take();
+                let handing_off = from.is_some();
+                if !handing_off {
+                    attempt += 1;
+                }
+                match self.round(&keys, ttl, attempt, from.as_ref()).await {
                     Ok(granted) => {
                         tracing::Span::current().record("attempts", attempt);
                         return Ok(LockGuard::new(self.clone(), keys, ttl, granted, turn));
                     }
+                    // The baton had expired; both values are released, so go from scratch.
+                    Err(_) if handing_off => {}
                     Err(e) if e.is_retryable() && attempt <= policy.retries() => {
                         // Jitter needs no CSPRNG; a fresh SmallRng per wait keeps the future Send.
                         let wait = policy.next_delay(&mut SmallRng::from_os_rng());
@@ -337,64 +320,37 @@ impl Redlock {
         .await
     }
 
-    /// Waits for this process's turn at `keys`: immediately for a one-shot policy, else for
-    /// at most the policy's total wait.
-    async fn local_turn(
-        &self,
-        keys: &Arc<[String]>,
-        policy: RetryPolicy,
-    ) -> Result<LocalTurn, Error> {
-        let mutexes: Vec<Arc<AsyncMutex<()>>> = {
-            let mut map = self.inner.local.lock().unwrap_or_else(|p| p.into_inner());
-            keys.iter()
-                .map(|k| map.entry(k.clone()).or_default().clone())
-                .collect()
-        };
-        // Constructed first so that an early return cleans the map up through Drop.
-        let mut turn = LocalTurn {
-            client: self.clone(),
-            keys: keys.clone(),
-            guards: Vec::with_capacity(mutexes.len()),
-        };
-        let contended = || Error::Contended {
-            resource: keys[0].clone(),
-            held_elsewhere: 0,
-            granted: 0,
-            quorum: self.inner.quorum,
-            attempts: 0,
-        };
-        let budget = policy.max_total_wait();
-        let deadline = tokio::time::Instant::now() + budget;
-        // Keys are sorted, so two multi-resource lockers in this process cannot deadlock.
-        for m in mutexes {
-            let guard = match m.clone().try_lock_owned() {
-                Ok(g) => g,
-                Err(_) if budget.is_zero() => return Err(contended()),
-                Err(_) => tokio::time::timeout_at(deadline, m.lock_owned())
-                    .await
-                    .map_err(|_| contended())?,
-            };
-            turn.guards.push(guard);
-        }
-        Ok(turn)
-    }
-
-    /// One acquire round on all nodes in parallel, decided as soon as it is certain.
+    /// One acquire round on all nodes in parallel, decided as soon as it is certain. With
+    /// `from`, the round swaps a baton's value for a fresh one instead of setting free keys.
     async fn round(
         &self,
         keys: &Arc<[String]>,
         ttl: Duration,
         attempt: u32,
+        from: Option<&Baton>,
     ) -> Result<Granted, Error> {
-        let value: Arc<str> = new_value().into();
+        let previous: &[Arc<str>] = from.map_or(&[], |b| &b.values);
+        let mut values: Vec<Arc<str>> = Vec::with_capacity(previous.len() + 1);
+        values.push(new_value().into());
+        values.extend_from_slice(previous);
         let start = Instant::now();
         let valid_until = start + ttl - self.drift(ttl);
         let ttl_ms = ttl.as_millis() as u64;
         let mut cleanup = PendingCleanup {
             client: self,
             keys,
-            value: &value,
+            values: &values,
             armed: true,
+        };
+        // ACQUIRE takes [value, ttl]; HANDOFF takes [value, ttl, previous values...].
+        let value: &str = &values[0];
+        let mut args: Vec<&dyn ToRedisArgsDyn> = vec![&value, &ttl_ms];
+        let previous_strs: Vec<&str> = previous.iter().map(|v| &**v).collect();
+        args.extend(previous_strs.iter().map(|v| v as &dyn ToRedisArgsDyn));
+        let script = if previous.is_empty() {
+            &*scripts::ACQUIRE
+        } else {
+            &*scripts::HANDOFF
         };
 
         let mut tally = Tally::new(self.inner.nodes.len());
@@ -406,12 +362,10 @@ impl Redlock {
                 .iter()
                 .map(|node| {
                     let timeout = self.node_budget(valid_until);
-                    let value = &value;
+                    let args = &args;
                     async move {
                         let sent = Instant::now();
-                        let reply = node
-                            .eval::<i64>(&scripts::ACQUIRE, keys, &[&&**value, &ttl_ms], timeout)
-                            .await;
+                        let reply = node.eval::<i64>(script, keys, args, timeout).await;
                         (node, reply, sent.elapsed())
                     }
                 })
@@ -460,7 +414,7 @@ impl Redlock {
             Decision::Reached if Instant::now() < valid_until => {
                 cleanup.armed = false;
                 return Ok(Granted {
-                    value: value.clone(),
+                    values: values.clone(),
                     valid_until,
                 });
             }
@@ -486,7 +440,7 @@ impl Redlock {
         };
         // Release everywhere now, not after the last retry (node-redlock PR #369): our
         // partial keys would otherwise block our own next round.
-        self.release_all(keys, &value).await;
+        self.release_all(keys, &values).await;
         cleanup.armed = false;
         Err(error)
     }
@@ -504,7 +458,11 @@ impl Redlock {
     /// Waits for every node rather than a quorum: a command handed to a connection is not
     /// yet written to its socket, and a process that exits right after `release` (a CLI,
     /// a short job) would otherwise leave keys behind until their TTL.
-    pub(crate) async fn release_all(&self, keys: &[String], value: &str) -> ReleaseOutcome {
+    pub(crate) async fn release_all(&self, keys: &[String], values: &[Arc<str>]) -> ReleaseOutcome {
+        let values: Vec<&str> = values.iter().map(|v| &**v).collect();
+        let args: Vec<&dyn ToRedisArgsDyn> =
+            values.iter().map(|v| v as &dyn ToRedisArgsDyn).collect();
+        let args = &args;
         let timeout = self.inner.node_timeout;
         let mut replies: FuturesUnordered<_> = self
             .inner
@@ -513,7 +471,7 @@ impl Redlock {
             .map(|node| async move {
                 let sent = Instant::now();
                 let reply = node
-                    .eval::<i64>(&scripts::RELEASE, keys, &[&value], timeout)
+                    .eval::<i64>(&scripts::RELEASE, keys, args, timeout)
                     .await;
                 (node, reply, sent.elapsed())
             })
@@ -607,14 +565,14 @@ impl Redlock {
     pub(crate) fn spawn_release(
         &self,
         keys: Arc<[String]>,
-        value: Arc<str>,
+        values: Vec<Arc<str>>,
         turn: Option<LocalTurn>,
     ) {
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
                 let client = self.clone();
                 handle.spawn(async move {
-                    let outcome = client.release_all(&keys, &value).await;
+                    let outcome = client.release_all(&keys, &values).await;
                     if !outcome.failures.is_empty() {
                         tracing::warn!(resource = %keys[0], failed = outcome.failures.len(), "background release could not reach every node; those keys expire with their TTL");
                     }

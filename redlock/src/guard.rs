@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
-use crate::client::{Granted, LocalTurn, Redlock};
+use crate::client::{Granted, Redlock};
 use crate::error::{Error, LostReason};
+use crate::local::LocalTurn;
 use crate::quorum::Decision;
 
 /// A held lock on one or more resources.
@@ -23,7 +24,9 @@ use crate::quorum::Decision;
 pub struct LockGuard {
     client: Redlock,
     keys: Arc<[String]>,
-    value: Arc<str>,
+    /// This acquisition's value first, then those of the in-process hand-off chain that led
+    /// to it: a node that missed a hand-off still holds one of those, and it is ours too.
+    values: Vec<Arc<str>>,
     ttl: Duration,
     valid_until: Instant,
     /// `None` once released or abandoned: Drop then does nothing.
@@ -51,7 +54,7 @@ impl LockGuard {
         LockGuard {
             client,
             keys,
-            value: granted.value,
+            values: granted.values,
             ttl,
             valid_until: granted.valid_until,
             turn: Some(turn),
@@ -71,7 +74,7 @@ impl LockGuard {
     /// The random value stored under each key: lets a service in another language check
     /// ownership the way node-redlock and redsync do.
     pub fn value(&self) -> &str {
-        &self.value
+        &self.values[0]
     }
 
     /// The TTL of the latest acquisition or extension.
@@ -129,7 +132,7 @@ impl LockGuard {
         let new_valid_until = start + ttl - self.client.drift(ttl);
         let (tally, failures) = self
             .client
-            .extend_all(&self.keys, &self.value, ttl, self.valid_until)
+            .extend_all(&self.keys, &self.values[0], ttl, self.valid_until)
             .instrument(span.clone())
             .await;
         span.record("quorum_margin", tally.margin());
@@ -174,12 +177,15 @@ impl LockGuard {
     /// mid-flight, the release that was sent still happens on the nodes that got it, and
     /// the rest expire with the TTL.
     pub async fn release(mut self) -> Result<(), Error> {
-        let turn = self.turn.take();
+        let mut turn = self.turn.take();
         let expired = !self.is_valid();
+        if !expired && self.hand_off(&mut turn) {
+            return Ok(());
+        }
         let span = tracing::info_span!("fencelock.release", resource = %self.keys[0], deleted = tracing::field::Empty);
         let outcome = self
             .client
-            .release_all(&self.keys, &self.value)
+            .release_all(&self.keys, &self.values)
             .instrument(span.clone())
             .await;
         span.record("deleted", outcome.deleted);
@@ -209,11 +215,26 @@ impl LockGuard {
     }
 }
 
+impl LockGuard {
+    /// Passes the lock to a task of this process that waits for it, if there is one.
+    fn hand_off(&self, turn: &mut Option<LocalTurn>) -> bool {
+        let handed = turn.as_mut().is_some_and(|t| t.hand_off(&self.values));
+        if handed {
+            tracing::debug!(resource = %self.keys[0], chain = self.values.len(), "lock handed to a waiting task of this process");
+        }
+        handed
+    }
+}
+
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        if let Some(turn) = self.turn.take() {
+        let mut turn = self.turn.take();
+        if self.is_valid() && self.hand_off(&mut turn) {
+            return;
+        }
+        if let Some(turn) = turn {
             self.client
-                .spawn_release(self.keys.clone(), self.value.clone(), Some(turn));
+                .spawn_release(self.keys.clone(), self.values.clone(), Some(turn));
         }
     }
 }

@@ -41,13 +41,15 @@ mod builder;
 mod client;
 mod error;
 mod guard;
+mod local;
 mod node;
 mod quorum;
 mod retry;
 mod scripts;
 
 pub use builder::{
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRIFT_FACTOR, DEFAULT_NODE_TIMEOUT, RedlockBuilder,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRIFT_FACTOR, DEFAULT_MAX_LOCAL_HANDOFFS,
+    DEFAULT_NODE_TIMEOUT, RedlockBuilder,
 };
 pub use client::Redlock;
 pub use error::{ConfigError, Error, ErrorKind, LostReason, NodeFailure};

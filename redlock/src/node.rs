@@ -94,7 +94,12 @@ impl Node {
     pub(crate) async fn warm_up(&self, timeout: Duration) -> Result<(), NodeFailure> {
         let mut conn = self.conn.clone();
         let load = async {
-            for script in [&*scripts::ACQUIRE, &*scripts::RELEASE, &*scripts::EXTEND] {
+            for script in [
+                &*scripts::ACQUIRE,
+                &*scripts::RELEASE,
+                &*scripts::EXTEND,
+                &*scripts::HANDOFF,
+            ] {
                 script.load_async(&mut conn).await?;
             }
             Ok::<_, redis::RedisError>(())

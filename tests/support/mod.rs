@@ -231,7 +231,10 @@ impl Cluster {
             let mut left = Vec::new();
             for &i in nodes {
                 for k in self.keys(i).await {
-                    left.push(format!("node {i}: {k}"));
+                    let mut c = self.conn(i).await;
+                    let value: Option<String> = c.get(&k).await.unwrap_or(None);
+                    let pttl: i64 = c.pttl(&k).await.unwrap_or(-3);
+                    left.push(format!("node {i}: {k} = {value:?}, pttl {pttl} ms"));
                 }
             }
             if left.is_empty() {
