@@ -4,11 +4,15 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::pin::pin;
+
 use futures_util::StreamExt;
+use futures_util::future::{Either, select};
 use futures_util::stream::FuturesUnordered;
 use rand::SeedableRng;
 use rand::TryRngCore;
 use rand::rngs::{OsRng, SmallRng};
+use redis::Script;
 use tracing::Instrument;
 
 use crate::builder::RedlockBuilder;
@@ -353,52 +357,13 @@ impl Redlock {
             &*scripts::HANDOFF
         };
 
-        let mut tally = Tally::new(self.inner.nodes.len());
-        let mut failures = Vec::new();
-        {
-            let mut replies: FuturesUnordered<_> = self
-                .inner
-                .nodes
-                .iter()
-                .map(|node| {
-                    let timeout = self.node_budget(valid_until);
-                    let args = &args;
-                    async move {
-                        let sent = Instant::now();
-                        let reply = node.eval::<i64>(script, keys, args, timeout).await;
-                        (node, reply, sent.elapsed())
-                    }
-                })
-                .collect();
-            while let Some((node, reply, latency)) = replies.next().await {
-                let outcome = match reply {
-                    Ok(1) => {
-                        tally.ok += 1;
-                        "granted"
-                    }
-                    Ok(_) => {
-                        tally.refused += 1;
-                        "held"
-                    }
-                    Err(failure) => {
-                        tally.failed += 1;
-                        failures.push(failure);
-                        "failed"
-                    }
-                };
-                tracing::trace!(
-                    node = node.addr(),
-                    outcome,
-                    latency_us = latency.as_micros() as u64,
-                    "acquire reply"
-                );
-                if tally.decision() != Decision::Pending {
-                    break;
-                }
-            }
-            // Replies still in flight are dropped here; a SET that lands late is removed by
-            // the release below or by the guard's release, which go to every node.
-        }
+        let deadline = self.round_deadline(start, valid_until);
+        // Replies still in flight when the round is decided are dropped; a SET that lands
+        // late is removed by the release below or by the guard's release, which go to every
+        // node and wait for all of them.
+        let (tally, failures) = self
+            .broadcast("acquire", script, keys, &args, deadline, true)
+            .await;
 
         let elapsed = start.elapsed();
         tracing::debug!(
@@ -445,15 +410,84 @@ impl Redlock {
         Err(error)
     }
 
-    /// The timeout for one command: the node timeout, but never past the validity.
-    pub(crate) fn node_budget(&self, valid_until: Instant) -> Duration {
-        self.inner
-            .node_timeout
-            .min(valid_until.saturating_duration_since(Instant::now()))
-            .max(Duration::from_millis(1))
+    /// When a round started at `start` gives up on the nodes that have not answered: after
+    /// the node timeout, but never past the lock's validity.
+    pub(crate) fn round_deadline(&self, start: Instant, valid_until: Instant) -> Instant {
+        valid_until.min(start + self.inner.node_timeout)
     }
 
-    /// Compare-and-delete on every node, in parallel, each bounded by the node timeout.
+    /// Runs `script` on every node at once and counts the replies: a positive integer is
+    /// a success, zero a refusal. One deadline bounds the whole round (a timer per node
+    /// costs more than the round itself on a fast network); nodes that have not answered
+    /// by then count as timed out. With `until_decided`, returns as soon as the tally is
+    /// decided, dropping the replies still in flight.
+    pub(crate) async fn broadcast(
+        &self,
+        operation: &'static str,
+        script: &Script,
+        keys: &[String],
+        args: &[&dyn ToRedisArgsDyn],
+        deadline: Instant,
+        until_decided: bool,
+    ) -> (Tally, Vec<NodeFailure>) {
+        let start = Instant::now();
+        let nodes = &self.inner.nodes;
+        let mut tally = Tally::new(nodes.len());
+        let mut failures = Vec::new();
+        let mut answered = vec![false; nodes.len()];
+        let mut replies: FuturesUnordered<_> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| async move { (i, node.eval::<i64>(script, keys, args).await) })
+            .collect();
+        let mut expiry = pin!(tokio::time::sleep_until(deadline.into()));
+        loop {
+            match select(replies.next(), expiry.as_mut()).await {
+                Either::Left((Some((i, reply)), _)) => {
+                    answered[i] = true;
+                    let outcome = match reply {
+                        Ok(n) if n > 0 => {
+                            tally.ok += 1;
+                            "ok"
+                        }
+                        Ok(_) => {
+                            tally.refused += 1;
+                            "refused"
+                        }
+                        Err(failure) => {
+                            tally.failed += 1;
+                            failures.push(failure);
+                            "failed"
+                        }
+                    };
+                    tracing::trace!(
+                        operation,
+                        node = nodes[i].addr(),
+                        outcome,
+                        latency_us = start.elapsed().as_micros() as u64,
+                        "node reply"
+                    );
+                    if until_decided && tally.decision() != Decision::Pending {
+                        break;
+                    }
+                }
+                Either::Left((None, _)) => break,
+                Either::Right(((), _)) => {
+                    for (node, _) in nodes.iter().zip(&answered).filter(|(_, a)| !**a) {
+                        tally.failed += 1;
+                        failures.push(NodeFailure::Timeout {
+                            node: node.addr().to_owned(),
+                            after: deadline.saturating_duration_since(start),
+                        });
+                    }
+                    break;
+                }
+            }
+        }
+        (tally, failures)
+    }
+
+    /// Compare-and-delete on every node, in parallel, bounded by the node timeout.
     ///
     /// Waits for every node rather than a quorum: a command handed to a connection is not
     /// yet written to its socket, and a process that exits right after `release` (a CLI,
@@ -462,50 +496,18 @@ impl Redlock {
         let values: Vec<&str> = values.iter().map(|v| &**v).collect();
         let args: Vec<&dyn ToRedisArgsDyn> =
             values.iter().map(|v| v as &dyn ToRedisArgsDyn).collect();
-        let args = &args;
-        let timeout = self.inner.node_timeout;
-        let mut replies: FuturesUnordered<_> = self
-            .inner
-            .nodes
-            .iter()
-            .map(|node| async move {
-                let sent = Instant::now();
-                let reply = node
-                    .eval::<i64>(&scripts::RELEASE, keys, args, timeout)
-                    .await;
-                (node, reply, sent.elapsed())
-            })
-            .collect();
-        let mut outcome = ReleaseOutcome::default();
-        let mut tally = Tally::new(self.inner.nodes.len());
-        while let Some((node, reply, latency)) = replies.next().await {
-            let result = match reply {
-                Ok(n) if n > 0 => {
-                    tally.ok += 1;
-                    "deleted"
-                }
-                Ok(_) => {
-                    tally.refused += 1;
-                    "not ours"
-                }
-                Err(failure) => {
-                    tally.failed += 1;
-                    outcome.failures.push(failure);
-                    "failed"
-                }
-            };
-            tracing::trace!(
-                node = node.addr(),
-                result,
-                latency_us = latency.as_micros() as u64,
-                "release reply"
-            );
+        let deadline = Instant::now() + self.inner.node_timeout;
+        let (tally, failures) = self
+            .broadcast("release", &scripts::RELEASE, keys, &args, deadline, false)
+            .await;
+        ReleaseOutcome {
+            deleted: tally.ok,
+            failures,
         }
-        outcome.deleted = tally.ok;
-        outcome
     }
 
-    /// Compare-and-PEXPIRE on every node, decided at quorum. Never deletes anything.
+    /// Compare-and-PEXPIRE on every node, decided at quorum, bounded by the node timeout
+    /// and the current validity. Never deletes anything.
     pub(crate) async fn extend_all(
         &self,
         keys: &[String],
@@ -514,50 +516,16 @@ impl Redlock {
         valid_until: Instant,
     ) -> (Tally, Vec<NodeFailure>) {
         let ttl_ms = ttl.as_millis() as u64;
-        let mut tally = Tally::new(self.inner.nodes.len());
-        let mut failures = Vec::new();
-        let mut replies: FuturesUnordered<_> = self
-            .inner
-            .nodes
-            .iter()
-            .map(|node| {
-                let timeout = self.node_budget(valid_until);
-                async move {
-                    let sent = Instant::now();
-                    let reply = node
-                        .eval::<i64>(&scripts::EXTEND, keys, &[&value, &ttl_ms], timeout)
-                        .await;
-                    (node, reply, sent.elapsed())
-                }
-            })
-            .collect();
-        while let Some((node, reply, latency)) = replies.next().await {
-            let result = match reply {
-                Ok(1) => {
-                    tally.ok += 1;
-                    "extended"
-                }
-                Ok(_) => {
-                    tally.refused += 1;
-                    "not ours"
-                }
-                Err(failure) => {
-                    tally.failed += 1;
-                    failures.push(failure);
-                    "failed"
-                }
-            };
-            tracing::trace!(
-                node = node.addr(),
-                result,
-                latency_us = latency.as_micros() as u64,
-                "extend reply"
-            );
-            if tally.decision() != Decision::Pending {
-                break;
-            }
-        }
-        (tally, failures)
+        let deadline = self.round_deadline(Instant::now(), valid_until);
+        self.broadcast(
+            "extend",
+            &scripts::EXTEND,
+            keys,
+            &[&value, &ttl_ms],
+            deadline,
+            true,
+        )
+        .await
     }
 
     /// Releases in the background: the guard's `Drop` and cancelled acquisitions use this.
@@ -648,9 +616,13 @@ mod tests {
             .build()
             .await
             .unwrap();
-        let soon = Instant::now() + Duration::from_millis(10);
-        assert!(client.node_budget(soon) <= Duration::from_millis(10));
-        let later = Instant::now() + Duration::from_secs(10);
-        assert_eq!(client.node_budget(later), Duration::from_millis(50));
+        let now = Instant::now();
+        let soon = now + Duration::from_millis(10);
+        assert_eq!(client.round_deadline(now, soon), soon);
+        let later = now + Duration::from_secs(10);
+        assert_eq!(
+            client.round_deadline(now, later),
+            now + Duration::from_millis(50)
+        );
     }
 }

@@ -43,6 +43,9 @@ impl Node {
         let identity = (addr.clone(), info.redis_settings().db());
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(connect_timeout))
+            // Every round carries its own deadline; a second timer per command would only
+            // cost time.
+            .set_response_timeout(None)
             // Reconnection keeps trying in the background; each of our commands carries its
             // own timeout, so a down node never stalls a round.
             .set_number_of_retries(2)
@@ -56,13 +59,12 @@ impl Node {
         &self.addr
     }
 
-    /// Runs `script` with `keys` and `args`, giving up after `timeout`.
+    /// Runs `script` with `keys` and `args`. The caller bounds the time it may take.
     pub(crate) async fn eval<T: FromRedisValue>(
         &self,
         script: &Script,
         keys: &[String],
         args: &[&dyn ToRedisArgsDyn],
-        timeout: Duration,
     ) -> Result<T, NodeFailure> {
         let mut invocation = script.prepare_invoke();
         for key in keys {
@@ -72,17 +74,13 @@ impl Node {
             arg.push_to(&mut invocation);
         }
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(timeout, invocation.invoke_async::<T>(&mut conn)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(error)) => Err(NodeFailure::Redis {
+        invocation
+            .invoke_async::<T>(&mut conn)
+            .await
+            .map_err(|error| NodeFailure::Redis {
                 node: self.addr.clone(),
                 error,
-            }),
-            Err(_) => Err(NodeFailure::Timeout {
-                node: self.addr.clone(),
-                after: timeout,
-            }),
-        }
+            })
     }
 
     /// Opens the connection and loads the scripts now rather than on the first lock.
