@@ -25,6 +25,9 @@ pub const DEFAULT_DRIFT_FACTOR: f64 = 0.01;
 /// The default connect timeout: 1 s. Reconnects happen in the background.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The default restart quarantine: 30 s. See [`RedlockBuilder::restart_quarantine`].
+pub const DEFAULT_RESTART_QUARANTINE: Duration = Duration::from_secs(30);
+
 /// The default bound on in-process hand-offs in a row: 8. See
 /// [`RedlockBuilder::max_local_handoffs`].
 pub const DEFAULT_MAX_LOCAL_HANDOFFS: usize = 8;
@@ -39,6 +42,8 @@ pub const DEFAULT_MAX_LOCAL_HANDOFFS: usize = 8;
 /// | [`retry`](Self::retry) | [`RetryPolicy::default`]: 10 retries, 200 ms + up to 200 ms jitter |
 /// | [`connect_timeout`](Self::connect_timeout) | [`DEFAULT_CONNECT_TIMEOUT`], 1 s |
 /// | [`max_local_handoffs`](Self::max_local_handoffs) | [`DEFAULT_MAX_LOCAL_HANDOFFS`], 8 |
+/// | [`fencing`](Self::fencing) | off |
+/// | [`restart_quarantine`](Self::restart_quarantine) | [`DEFAULT_RESTART_QUARANTINE`], 30 s |
 #[derive(Debug, Clone)]
 #[must_use = "a builder does nothing until `build()` is awaited"]
 pub struct RedlockBuilder {
@@ -48,6 +53,8 @@ pub struct RedlockBuilder {
     retry: RetryPolicy,
     connect_timeout: Duration,
     max_local_handoffs: usize,
+    fencing: bool,
+    quarantine: Duration,
 }
 
 impl Default for RedlockBuilder {
@@ -59,6 +66,8 @@ impl Default for RedlockBuilder {
             retry: RetryPolicy::default(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_local_handoffs: DEFAULT_MAX_LOCAL_HANDOFFS,
+            fencing: false,
+            quarantine: DEFAULT_RESTART_QUARANTINE,
         }
     }
 }
@@ -119,7 +128,30 @@ impl RedlockBuilder {
         self
     }
 
-    /// Validates the settings, sets up one connection per node and opens them in parallel.
+    /// Whether every acquisition returns a fencing token (default off): a `u64` strictly
+    /// greater than the token of every earlier holder of the same resources, for the
+    /// resource you protect to check (see `docs/fencing.md`).
+    ///
+    /// The price: each node keeps one counter per resource, for good; the acquire script
+    /// reads and bumps it; and when the quorum's counters disagree (after a node missed
+    /// acquisitions), one more parallel round writes the token back before `lock` returns.
+    /// In steady state the counters agree and there is no extra round.
+    pub fn fencing(mut self, on: bool) -> Self {
+        self.fencing = on;
+        self
+    }
+
+    /// How long a node that restarted without its data stays out of every quorum
+    /// (default 30 s). Set it to at least the longest TTL any client of these nodes uses:
+    /// a lock the node granted before it lost its data has expired by then everywhere.
+    /// Nodes with persistence (AOF) keep their state across a restart and skip it.
+    pub fn restart_quarantine(mut self, quarantine: Duration) -> Self {
+        self.quarantine = quarantine;
+        self
+    }
+
+    /// Validates the settings, sets up one connection per node and opens them in parallel,
+    /// then seeds nodes that came up empty (or initialises a new cluster).
     ///
     /// Nodes that cannot be reached now are logged and retried in the background: a client
     /// with a minority of nodes down still locks. Only settings that can never work fail:
@@ -184,13 +216,19 @@ impl RedlockBuilder {
             tracing::warn!(node = failure.node(), error = %failure, "lock node unreachable; will keep retrying");
         }
 
-        Ok(Redlock::from_inner(Inner::new(
+        let client = Redlock::from_inner(Inner::new(
             nodes,
             self.node_timeout,
             self.drift_factor,
             self.retry,
             self.max_local_handoffs,
-        )))
+            self.fencing,
+            self.quarantine,
+        ));
+        // A new cluster is initialised here, and nodes that came up empty are seeded, so
+        // that the first lock does not have to.
+        client.seed_nodes().await;
+        Ok(client)
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use std::pin::pin;
@@ -46,6 +47,10 @@ pub(crate) struct Inner {
     drift_factor: f64,
     retry: RetryPolicy,
     max_local_handoffs: usize,
+    fencing: bool,
+    quarantine: Duration,
+    /// Set while a seeding of restarted nodes runs, so that one client runs one at a time.
+    pub(crate) seeding: AtomicBool,
     /// Tasks of this process that want the same resource queue here instead of hammering
     /// the nodes: one of them contends in Redis, the rest wait for a hand-off.
     local: Slots,
@@ -58,6 +63,8 @@ impl Inner {
         drift_factor: f64,
         retry: RetryPolicy,
         max_local_handoffs: usize,
+        fencing: bool,
+        quarantine: Duration,
     ) -> Self {
         Inner {
             quorum: quorum(nodes.len()),
@@ -66,6 +73,9 @@ impl Inner {
             drift_factor,
             retry,
             max_local_handoffs,
+            fencing,
+            quarantine,
+            seeding: AtomicBool::new(false),
             local: Slots::default(),
         }
     }
@@ -79,6 +89,8 @@ impl fmt::Debug for Redlock {
             .field("node_timeout", &self.inner.node_timeout)
             .field("drift_factor", &self.inner.drift_factor)
             .field("retry", &self.inner.retry)
+            .field("fencing", &self.inner.fencing)
+            .field("quarantine", &self.inner.quarantine)
             .finish()
     }
 }
@@ -101,6 +113,18 @@ impl Drop for PendingCleanup<'_> {
     }
 }
 
+/// The replies of one round.
+#[derive(Debug)]
+pub(crate) struct Replies {
+    pub(crate) tally: Tally,
+    pub(crate) failures: Vec<NodeFailure>,
+    /// The largest and smallest successful reply: with fencing, the tokens.
+    pub(crate) highest: i64,
+    pub(crate) lowest: i64,
+    /// How many nodes said they came up empty and have not been seeded.
+    pub(crate) unseeded: usize,
+}
+
 /// How a release round went, per node.
 #[derive(Debug, Default)]
 pub(crate) struct ReleaseOutcome {
@@ -114,6 +138,8 @@ pub(crate) struct Granted {
     /// it (empty for an acquisition from scratch); nodes may hold any of them.
     pub(crate) values: Vec<Arc<str>>,
     pub(crate) valid_until: Instant,
+    /// With fencing, the token of this acquisition.
+    pub(crate) token: Option<u64>,
 }
 
 impl Redlock {
@@ -130,6 +156,23 @@ impl Redlock {
 
     pub(crate) fn slots(&self) -> &Slots {
         &self.inner.local
+    }
+
+    pub(crate) fn inner_nodes(&self) -> &[Node] {
+        &self.inner.nodes
+    }
+
+    pub(crate) fn quarantine(&self) -> Duration {
+        self.inner.quarantine
+    }
+
+    pub(crate) fn seeding_flag(&self) -> &AtomicBool {
+        &self.inner.seeding
+    }
+
+    /// Whether acquisitions return fencing tokens.
+    pub fn fencing(&self) -> bool {
+        self.inner.fencing
     }
 
     pub(crate) fn max_local_handoffs(&self) -> usize {
@@ -294,6 +337,7 @@ impl Redlock {
             let mut turn = LocalTurn::wait(self, &keys, policy).await?;
             let mut baton = turn.take_baton().await;
             let mut attempt = 0u32;
+            let mut seeded_once = false;
             loop {
                 let from = baton.take();
                 let handing_off = from.is_some();
@@ -307,13 +351,19 @@ impl Redlock {
                     }
                     // The baton had expired; both values are released, so go from scratch.
                     Err(_) if handing_off => {}
-                    Err(e) if e.is_retryable() && attempt <= policy.retries() => {
+                    // Nodes came up empty (or the cluster is new): seed them and go again at
+                    // once, without spending an attempt.
+                    Err((_, true)) if !seeded_once && self.seed_nodes().await => {
+                        seeded_once = true;
+                        attempt -= 1;
+                    }
+                    Err((e, _)) if e.is_retryable() && attempt <= policy.retries() => {
                         // Jitter needs no CSPRNG; a fresh SmallRng per wait keeps the future Send.
                         let wait = policy.next_delay(&mut SmallRng::from_os_rng());
                         tracing::debug!(attempt, error = %e, wait_ms = wait.as_millis() as u64, "acquire round failed; retrying");
                         tokio::time::sleep(wait).await;
                     }
-                    Err(e) => {
+                    Err((e, _)) => {
                         tracing::Span::current().record("attempts", attempt);
                         return Err(e);
                     }
@@ -326,13 +376,16 @@ impl Redlock {
 
     /// One acquire round on all nodes in parallel, decided as soon as it is certain. With
     /// `from`, the round swaps a baton's value for a fresh one instead of setting free keys.
+    /// With fencing, a second round writes the token back to a quorum unless the first
+    /// already left it there. Errors come with whether a node reported itself unseeded.
     async fn round(
         &self,
         keys: &Arc<[String]>,
         ttl: Duration,
         attempt: u32,
         from: Option<&Baton>,
-    ) -> Result<Granted, Error> {
+    ) -> Result<Granted, (Error, bool)> {
+        let fenced = self.inner.fencing;
         let previous: &[Arc<str>] = from.map_or(&[], |b| &b.values);
         let mut values: Vec<Arc<str>> = Vec::with_capacity(previous.len() + 1);
         values.push(new_value().into());
@@ -340,30 +393,65 @@ impl Redlock {
         let start = Instant::now();
         let valid_until = start + ttl - self.drift(ttl);
         let ttl_ms = ttl.as_millis() as u64;
+        let quarantine_ms = self.inner.quarantine.as_millis() as u64;
+        let fenced_arg = u8::from(fenced);
         let mut cleanup = PendingCleanup {
             client: self,
             keys,
             values: &values,
             armed: true,
         };
-        // ACQUIRE takes [value, ttl]; HANDOFF takes [value, ttl, previous values...].
+        // Lock keys, then with fencing their counters, then for ACQUIRE the node key.
+        let mut script_keys: Vec<String> = keys.to_vec();
+        if fenced {
+            script_keys.extend(keys.iter().map(|k| scripts::fence_key(k)));
+        }
         let value: &str = &values[0];
-        let mut args: Vec<&dyn ToRedisArgsDyn> = vec![&value, &ttl_ms];
         let previous_strs: Vec<&str> = previous.iter().map(|v| &**v).collect();
-        args.extend(previous_strs.iter().map(|v| v as &dyn ToRedisArgsDyn));
-        let script = if previous.is_empty() {
-            &*scripts::ACQUIRE
+        let (script, args): (&Script, Vec<&dyn ToRedisArgsDyn>) = if previous.is_empty() {
+            script_keys.push(scripts::NODE_KEY.to_owned());
+            (
+                &scripts::ACQUIRE,
+                vec![&value, &ttl_ms, &quarantine_ms, &fenced_arg],
+            )
         } else {
-            &*scripts::HANDOFF
+            let mut args: Vec<&dyn ToRedisArgsDyn> = vec![&value, &ttl_ms, &fenced_arg];
+            args.extend(previous_strs.iter().map(|v| v as &dyn ToRedisArgsDyn));
+            (&scripts::HANDOFF, args)
         };
 
         let deadline = self.round_deadline(start, valid_until);
         // Replies still in flight when the round is decided are dropped; a SET that lands
         // late is removed by the release below or by the guard's release, which go to every
         // node and wait for all of them.
-        let (tally, failures) = self
-            .broadcast("acquire", script, keys, &args, deadline, true)
+        let replies = self
+            .broadcast("acquire", script, &script_keys, &args, deadline, true)
             .await;
+        let tally = replies.tally;
+        let unseeded = replies.unseeded > 0;
+        let mut failures = replies.failures;
+
+        // With fencing the token is the largest counter the quorum issued. If the quorum
+        // did not all issue that one, raise their counters to it before handing it out.
+        let mut fence_failed = false;
+        if fenced && tally.decision() == Decision::Reached && replies.highest != replies.lowest {
+            let fence_keys = &script_keys[..2 * keys.len()];
+            let token = replies.highest;
+            let write_back = self
+                .broadcast(
+                    "fence",
+                    &scripts::FENCE,
+                    fence_keys,
+                    &[&value, &token],
+                    self.round_deadline(Instant::now(), valid_until),
+                    true,
+                )
+                .await;
+            if write_back.tally.decision() != Decision::Reached {
+                fence_failed = true;
+                failures = write_back.failures;
+            }
+        }
 
         let elapsed = start.elapsed();
         tracing::debug!(
@@ -372,15 +460,27 @@ impl Redlock {
             held = tally.refused,
             failed = tally.failed,
             quorum_margin = tally.margin(),
+            token = replies.highest,
             elapsed_us = elapsed.as_micros() as u64,
             "acquire round"
         );
         let error = match tally.decision() {
+            Decision::Reached if fence_failed => Error::NoQuorum {
+                resource: keys[0].clone(),
+                operation: "fence write-back",
+                quorum: tally.quorum(),
+                succeeded: 0,
+                failures,
+            },
             Decision::Reached if Instant::now() < valid_until => {
                 cleanup.armed = false;
+                if unseeded {
+                    self.spawn_seed();
+                }
                 return Ok(Granted {
                     values: values.clone(),
                     valid_until,
+                    token: fenced.then_some(replies.highest as u64),
                 });
             }
             Decision::Reached => Error::ExpiredDuringAcquire {
@@ -407,7 +507,7 @@ impl Redlock {
         // partial keys would otherwise block our own next round.
         self.release_all(keys, &values).await;
         cleanup.armed = false;
-        Err(error)
+        Err((error, unseeded))
     }
 
     /// When a round started at `start` gives up on the nodes that have not answered: after
@@ -417,10 +517,11 @@ impl Redlock {
     }
 
     /// Runs `script` on every node at once and counts the replies: a positive integer is
-    /// a success, zero a refusal. One deadline bounds the whole round (a timer per node
-    /// costs more than the round itself on a fast network); nodes that have not answered
-    /// by then count as timed out. With `until_decided`, returns as soon as the tally is
-    /// decided, dropping the replies still in flight.
+    /// a success, zero a refusal, -1 and -2 a node that may not vote after a restart. One
+    /// deadline bounds the whole round (a timer per node costs more than the round itself on
+    /// a fast network); nodes that have not answered by then count as timed out. With
+    /// `until_decided`, returns as soon as the tally is decided, dropping the replies still
+    /// in flight.
     pub(crate) async fn broadcast(
         &self,
         operation: &'static str,
@@ -429,11 +530,16 @@ impl Redlock {
         args: &[&dyn ToRedisArgsDyn],
         deadline: Instant,
         until_decided: bool,
-    ) -> (Tally, Vec<NodeFailure>) {
+    ) -> Replies {
         let start = Instant::now();
         let nodes = &self.inner.nodes;
-        let mut tally = Tally::new(nodes.len());
-        let mut failures = Vec::new();
+        let mut out = Replies {
+            tally: Tally::new(nodes.len()),
+            failures: Vec::new(),
+            highest: 0,
+            lowest: i64::MAX,
+            unseeded: 0,
+        };
         let mut answered = vec![false; nodes.len()];
         let mut replies: FuturesUnordered<_> = nodes
             .iter()
@@ -445,37 +551,50 @@ impl Redlock {
             match select(replies.next(), expiry.as_mut()).await {
                 Either::Left((Some((i, reply)), _)) => {
                     answered[i] = true;
+                    let node = nodes[i].addr();
                     let outcome = match reply {
                         Ok(n) if n > 0 => {
-                            tally.ok += 1;
+                            out.tally.ok += 1;
+                            out.highest = out.highest.max(n);
+                            out.lowest = out.lowest.min(n);
                             "ok"
                         }
-                        Ok(_) => {
-                            tally.refused += 1;
+                        Ok(0) => {
+                            out.tally.refused += 1;
                             "refused"
                         }
+                        Ok(code) => {
+                            out.tally.failed += 1;
+                            let unseeded = code == -2;
+                            out.unseeded += usize::from(unseeded);
+                            out.failures.push(NodeFailure::Restarted {
+                                node: node.to_owned(),
+                                unseeded,
+                            });
+                            "restarted"
+                        }
                         Err(failure) => {
-                            tally.failed += 1;
-                            failures.push(failure);
+                            out.tally.failed += 1;
+                            out.failures.push(failure);
                             "failed"
                         }
                     };
                     tracing::trace!(
                         operation,
-                        node = nodes[i].addr(),
+                        node,
                         outcome,
                         latency_us = start.elapsed().as_micros() as u64,
                         "node reply"
                     );
-                    if until_decided && tally.decision() != Decision::Pending {
+                    if until_decided && out.tally.decision() != Decision::Pending {
                         break;
                     }
                 }
                 Either::Left((None, _)) => break,
                 Either::Right(((), _)) => {
                     for (node, _) in nodes.iter().zip(&answered).filter(|(_, a)| !**a) {
-                        tally.failed += 1;
-                        failures.push(NodeFailure::Timeout {
+                        out.tally.failed += 1;
+                        out.failures.push(NodeFailure::Timeout {
                             node: node.addr().to_owned(),
                             after: deadline.saturating_duration_since(start),
                         });
@@ -484,7 +603,7 @@ impl Redlock {
                 }
             }
         }
-        (tally, failures)
+        out
     }
 
     /// Compare-and-delete on every node, in parallel, bounded by the node timeout.
@@ -497,12 +616,12 @@ impl Redlock {
         let args: Vec<&dyn ToRedisArgsDyn> =
             values.iter().map(|v| v as &dyn ToRedisArgsDyn).collect();
         let deadline = Instant::now() + self.inner.node_timeout;
-        let (tally, failures) = self
+        let replies = self
             .broadcast("release", &scripts::RELEASE, keys, &args, deadline, false)
             .await;
         ReleaseOutcome {
-            deleted: tally.ok,
-            failures,
+            deleted: replies.tally.ok,
+            failures: replies.failures,
         }
     }
 
@@ -514,7 +633,7 @@ impl Redlock {
         value: &str,
         ttl: Duration,
         valid_until: Instant,
-    ) -> (Tally, Vec<NodeFailure>) {
+    ) -> Replies {
         let ttl_ms = ttl.as_millis() as u64;
         let deadline = self.round_deadline(Instant::now(), valid_until);
         self.broadcast(

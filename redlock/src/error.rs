@@ -74,13 +74,23 @@ pub enum NodeFailure {
         /// The error from the `redis` crate.
         error: redis::RedisError,
     },
+    /// The node restarted without its data and may not vote yet: it waits out its
+    /// quarantine, or its fence counters have not been seeded from the other nodes.
+    Restarted {
+        /// The node's address (`host:port`, never the password).
+        node: String,
+        /// True while the node still needs seeding, false while it sits out its quarantine.
+        unseeded: bool,
+    },
 }
 
 impl NodeFailure {
     /// The node's address.
     pub fn node(&self) -> &str {
         match self {
-            NodeFailure::Timeout { node, .. } | NodeFailure::Redis { node, .. } => node,
+            NodeFailure::Timeout { node, .. }
+            | NodeFailure::Redis { node, .. }
+            | NodeFailure::Restarted { node, .. } => node,
         }
     }
 }
@@ -92,6 +102,18 @@ impl fmt::Display for NodeFailure {
                 write!(f, "{node}: no answer within {}ms", after.as_millis())
             }
             NodeFailure::Redis { node, error } => write!(f, "{node}: {error}"),
+            NodeFailure::Restarted {
+                node,
+                unseeded: true,
+            } => {
+                write!(f, "{node}: came up empty, not yet seeded")
+            }
+            NodeFailure::Restarted {
+                node,
+                unseeded: false,
+            } => {
+                write!(f, "{node}: came up empty, in quarantine")
+            }
         }
     }
 }
@@ -171,7 +193,7 @@ impl Error {
             Error::ExpiredDuringAcquire { .. } => ErrorKind::ExpiredDuringAcquire,
             Error::Lost { .. } => ErrorKind::Lost,
             Error::Redis(NodeFailure::Timeout { .. }) => ErrorKind::Timeout,
-            Error::Redis(NodeFailure::Redis { .. }) => ErrorKind::Redis,
+            Error::Redis(_) => ErrorKind::Redis,
             Error::Config(_) => ErrorKind::Config,
         }
     }
@@ -258,6 +280,7 @@ impl fmt::Display for Error {
             Error::Redis(NodeFailure::Redis { node, .. }) => {
                 write!(f, "redis error on node {node}")
             }
+            Error::Redis(failure) => write!(f, "{failure}"),
             Error::Config(e) => fmt::Display::fmt(e, f),
         }
     }

@@ -29,6 +29,7 @@ pub struct LockGuard {
     values: Vec<Arc<str>>,
     ttl: Duration,
     valid_until: Instant,
+    token: Option<u64>,
     /// `None` once released or abandoned: Drop then does nothing.
     turn: Option<LocalTurn>,
 }
@@ -57,6 +58,7 @@ impl LockGuard {
             values: granted.values,
             ttl,
             valid_until: granted.valid_until,
+            token: granted.token,
             turn: Some(turn),
         }
     }
@@ -75,6 +77,14 @@ impl LockGuard {
     /// ownership the way node-redlock and redsync do.
     pub fn value(&self) -> &str {
         &self.values[0]
+    }
+
+    /// The fencing token of this acquisition, when the client has
+    /// [`fencing`](crate::RedlockBuilder::fencing) on: strictly greater than the token of
+    /// every earlier holder of the same resources. Pass it to the resource you protect and
+    /// have it reject anything older than the newest token it has seen.
+    pub fn fencing_token(&self) -> Option<u64> {
+        self.token
     }
 
     /// The TTL of the latest acquisition or extension.
@@ -130,11 +140,12 @@ impl LockGuard {
         );
         let start = Instant::now();
         let new_valid_until = start + ttl - self.client.drift(ttl);
-        let (tally, failures) = self
+        let replies = self
             .client
             .extend_all(&self.keys, &self.values[0], ttl, self.valid_until)
             .instrument(span.clone())
             .await;
+        let (tally, failures) = (replies.tally, replies.failures);
         span.record("quorum_margin", tally.margin());
         match tally.decision() {
             Decision::Reached if Instant::now() < self.valid_until => {

@@ -44,12 +44,13 @@ mod guard;
 mod local;
 mod node;
 mod quorum;
+mod restart;
 mod retry;
 mod scripts;
 
 pub use builder::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRIFT_FACTOR, DEFAULT_MAX_LOCAL_HANDOFFS,
-    DEFAULT_NODE_TIMEOUT, RedlockBuilder,
+    DEFAULT_NODE_TIMEOUT, DEFAULT_RESTART_QUARANTINE, RedlockBuilder,
 };
 pub use client::Redlock;
 pub use error::{ConfigError, Error, ErrorKind, LostReason, NodeFailure};

@@ -83,6 +83,26 @@ impl Node {
             })
     }
 
+    /// Runs one plain command, giving up after `timeout`.
+    pub(crate) async fn query<T: FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+        timeout: Duration,
+    ) -> Result<T, NodeFailure> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(timeout, cmd.query_async::<T>(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(error)) => Err(NodeFailure::Redis {
+                node: self.addr.clone(),
+                error,
+            }),
+            Err(_) => Err(NodeFailure::Timeout {
+                node: self.addr.clone(),
+                after: timeout,
+            }),
+        }
+    }
+
     /// Opens the connection and loads the scripts now rather than on the first lock.
     ///
     /// Loading matters beyond latency: a round decided at quorum drops the replies still in
@@ -92,12 +112,7 @@ impl Node {
     pub(crate) async fn warm_up(&self, timeout: Duration) -> Result<(), NodeFailure> {
         let mut conn = self.conn.clone();
         let load = async {
-            for script in [
-                &*scripts::ACQUIRE,
-                &*scripts::RELEASE,
-                &*scripts::EXTEND,
-                &*scripts::HANDOFF,
-            ] {
+            for script in scripts::all() {
                 script.load_async(&mut conn).await?;
             }
             Ok::<_, redis::RedisError>(())

@@ -178,10 +178,20 @@ impl Cluster {
             .is_ok()
     }
 
-    /// Every key on node `i`.
+    /// Every lock key on node `i`: all keys but fencelock's own permanent bookkeeping (the
+    /// node's restart state and the fence counters, which must outlive every lock).
     pub async fn keys(&self, i: usize) -> Vec<String> {
+        let mut keys = self.all_keys(i).await;
+        keys.retain(|k| !k.starts_with("fencelock:"));
+        keys
+    }
+
+    /// Every key on node `i`, bookkeeping included.
+    pub async fn all_keys(&self, i: usize) -> Vec<String> {
         let mut c = self.conn(i).await;
-        c.keys("*").await.expect("KEYS")
+        let mut keys: Vec<String> = c.keys("*").await.expect("KEYS");
+        keys.sort();
+        keys
     }
 
     /// Locks `key` on node `i` the way node-redlock v5 and redsync do:

@@ -3,17 +3,69 @@
 -- exists (held by anyone, including a node-redlock or redsync client) refuses the whole
 -- acquisition on this node, so a multi-resource lock is atomic per node.
 --
--- KEYS[1..n]  the resource keys (the resource names as given: the interop convention)
--- ARGV[1]     the lock value: 128 random bits, unique to this acquisition
--- ARGV[2]     the TTL in milliseconds
+-- Restart awareness: a node votes only once it is seeded (its fence counters copied from
+-- the others, or the cluster is new) and its quarantine has passed. The node key records
+-- both; a restart without persistence loses it, so the node finds out by itself and every
+-- client agrees without talking to the others.
 --
--- Returns     1 when every key was set; 0 when any key already existed (nothing set)
-for i = 1, #KEYS do
+-- With fencing, each resource has a counter; the acquisition's token is one more than the
+-- largest counter among its resources, and every counter is set to it.
+--
+-- KEYS[1..n]      the resource keys (the resource names as given: the interop convention)
+-- KEYS[n+1..2n]   with fencing only: the resources' fence counter keys
+-- KEYS[#KEYS]     the node key (`fencelock:node`)
+-- ARGV[1]         the lock value: 128 random bits, unique to this acquisition
+-- ARGV[2]         the TTL in milliseconds
+-- ARGV[3]         the quarantine in milliseconds, for a node seen empty for the first time
+-- ARGV[4]         1 with fencing, 0 without
+--
+-- Returns  >= 1  granted: the fencing token with fencing, else 1
+--             0  some key exists: nothing set
+--            -1  this node is in quarantine after a restart: nothing set
+--            -2  this node has not been seeded since it came up empty: nothing set
+local node = KEYS[#KEYS]
+local fenced = ARGV[4] == '1'
+local n = #KEYS - 1
+if fenced then
+  n = n / 2
+end
+
+local state = redis.call('HMGET', node, 'vote_after', 'seeded')
+if not state[1] then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('HSET', node, 'vote_after', now + tonumber(ARGV[3]), 'seeded', 0)
+  return -2
+end
+if state[2] ~= '1' then
+  return -2
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if now < tonumber(state[1]) then
+  return -1
+end
+
+for i = 1, n do
   if redis.call('EXISTS', KEYS[i]) == 1 then
     return 0
   end
 end
-for i = 1, #KEYS do
+local token = 1
+if fenced then
+  local highest = 0
+  for i = n + 1, 2 * n do
+    local f = tonumber(redis.call('GET', KEYS[i]) or '0')
+    if f > highest then
+      highest = f
+    end
+  end
+  token = highest + 1
+  for i = n + 1, 2 * n do
+    redis.call('SET', KEYS[i], token)
+  end
+end
+for i = 1, n do
   redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
 end
-return 1
+return token

@@ -1,20 +1,30 @@
 -- fencelock: hand-off
 -- Passes a lock from one holder in a process to the next without letting go of it: swaps
 -- our previous value for a fresh one and resets the TTL, all keys or none. One round
--- instead of a release followed by an acquire.
+-- instead of a release followed by an acquire. With fencing it also issues the next token,
+-- exactly as acquire does. (A node whose keys still hold our value has not lost its data,
+-- so no restart check is needed here.)
 --
--- KEYS[1..n]  the resource keys
--- ARGV[1]     the value of this acquisition: 128 random bits, unique to it
--- ARGV[2]     the TTL in milliseconds
--- ARGV[3..m]  the values of the hand-off chain so far, all held by this process (a node
---             that missed a hand-off still holds an earlier one)
+-- KEYS[1..n]      the resource keys
+-- KEYS[n+1..2n]   with fencing only: the resources' fence counter keys
+-- ARGV[1]         the value of this acquisition: 128 random bits, unique to it
+-- ARGV[2]         the TTL in milliseconds
+-- ARGV[3]         1 with fencing, 0 without
+-- ARGV[4..m]      the values of the hand-off chain so far, all held by this process (a node
+--                 that missed a hand-off still holds an earlier one)
 --
--- Returns     1 when every key held a value of the chain and now holds the new one;
---             0 otherwise (nothing changed)
-for i = 1, #KEYS do
+-- Returns  >= 1  every key held a value of the chain and now holds the new one: the
+--                fencing token with fencing, else 1
+--             0  otherwise (nothing changed)
+local fenced = ARGV[3] == '1'
+local n = #KEYS
+if fenced then
+  n = n / 2
+end
+for i = 1, n do
   local current = redis.call('GET', KEYS[i])
   local ours = false
-  for j = 3, #ARGV do
+  for j = 4, #ARGV do
     if current == ARGV[j] then
       ours = true
       break
@@ -24,7 +34,21 @@ for i = 1, #KEYS do
     return 0
   end
 end
-for i = 1, #KEYS do
+local token = 1
+if fenced then
+  local highest = 0
+  for i = n + 1, 2 * n do
+    local f = tonumber(redis.call('GET', KEYS[i]) or '0')
+    if f > highest then
+      highest = f
+    end
+  end
+  token = highest + 1
+  for i = n + 1, 2 * n do
+    redis.call('SET', KEYS[i], token)
+  end
+end
+for i = 1, n do
   redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
 end
-return 1
+return token

@@ -1,0 +1,177 @@
+//! Restart awareness: bringing nodes that came up empty back into service.
+//!
+//! The acquire script keeps a node that lost its data out of every quorum (it answers
+//! "unseeded", then "in quarantine"). A client that meets such a node seeds it: it copies
+//! the fence counters from a quorum of seeded nodes, taking the largest value of each, and
+//! marks the node seeded. The quarantine then runs out on the node's own clock. When a
+//! quorum of nodes is unseeded and none is seeded, the cluster is new: nothing was ever
+//! locked, so the nodes are marked seeded and the quarantine is lifted.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+
+use crate::client::Redlock;
+use crate::node::{Node, ToRedisArgsDyn};
+use crate::scripts;
+
+/// Seeding reads every counter of a node; it gets more time than a lock round.
+const SEED_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Clears the client's seeding flag however the seeding ends, cancellation included.
+struct SeedingFlag<'a>(&'a Redlock);
+
+impl Drop for SeedingFlag<'_> {
+    fn drop(&mut self) {
+        self.0.seeding_flag().store(false, Ordering::SeqCst);
+    }
+}
+
+impl Redlock {
+    /// Seeds every reachable node that came up empty. Returns whether any node was seeded.
+    ///
+    /// Idempotent and safe to run from several clients at once: seeding only raises
+    /// counters. One client runs one seeding at a time.
+    pub(crate) async fn seed_nodes(&self) -> bool {
+        if self.seeding_flag().swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        let _flag = SeedingFlag(self);
+        let nodes = self.inner_nodes();
+        let quorum = self.quorum();
+        let state_cmd = {
+            let mut cmd = redis::cmd("HMGET");
+            cmd.arg(scripts::NODE_KEY).arg("vote_after").arg("seeded");
+            cmd
+        };
+        let states = join_all(
+            nodes
+                .iter()
+                .map(|n| n.query::<(Option<String>, Option<String>)>(&state_cmd, SEED_TIMEOUT)),
+        )
+        .await;
+        let (mut seeded, mut unseeded) = (Vec::new(), Vec::new());
+        for (node, state) in nodes.iter().zip(states) {
+            match state {
+                Ok((_, Some(flag))) if flag == "1" => seeded.push(node),
+                Ok(_) => unseeded.push(node),
+                Err(failure) => tracing::debug!(%failure, "node state unknown; not seeding it now"),
+            }
+        }
+        if unseeded.is_empty() {
+            return false;
+        }
+        let genesis = seeded.is_empty() && unseeded.len() >= quorum;
+        let counters = if genesis {
+            tracing::info!(
+                nodes = unseeded.len(),
+                "new cluster: marking its nodes seeded"
+            );
+            HashMap::new()
+        } else {
+            if seeded.len() < quorum {
+                tracing::warn!(
+                    seeded = seeded.len(),
+                    quorum,
+                    "nodes came up empty, but fewer than a quorum of seeded nodes answer; cannot seed them yet"
+                );
+                return false;
+            }
+            match read_counters(&seeded, quorum).await {
+                Some(counters) => counters,
+                None => return false,
+            }
+        };
+        let genesis_arg = u8::from(genesis);
+        let quarantine_ms = self.quarantine().as_millis() as u64;
+        let mut keys: Vec<String> = vec![scripts::NODE_KEY.to_owned()];
+        let mut values: Vec<i64> = Vec::with_capacity(counters.len());
+        for (k, v) in counters {
+            keys.push(k);
+            values.push(v);
+        }
+        let mut args: Vec<&dyn ToRedisArgsDyn> = vec![&genesis_arg, &quarantine_ms];
+        args.extend(values.iter().map(|v| v as &dyn ToRedisArgsDyn));
+        let mut any = false;
+        for node in unseeded {
+            let seed = node.eval::<i64>(&scripts::SEED, &keys, &args);
+            match tokio::time::timeout(SEED_TIMEOUT, seed).await {
+                Ok(Ok(_)) => {
+                    any = true;
+                    tracing::info!(
+                        node = node.addr(),
+                        counters = keys.len() - 1,
+                        genesis,
+                        "seeded a node that came up empty"
+                    );
+                }
+                Ok(Err(failure)) => tracing::warn!(%failure, "could not seed node"),
+                Err(_) => tracing::warn!(node = node.addr(), "seeding timed out"),
+            }
+        }
+        any
+    }
+
+    /// Seeds in the background, for an acquisition that succeeded without the empty nodes.
+    pub(crate) fn spawn_seed(&self) {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let client = self.clone();
+            handle.spawn(async move {
+                client.seed_nodes().await;
+            });
+        }
+    }
+}
+
+/// The largest value of every fence counter across the seeded nodes, or `None` when fewer
+/// than a quorum of them could be read. A quorum suffices: any token ever handed out was
+/// written back to a quorum, and two quorums share a node.
+async fn read_counters(seeded: &[&Node], quorum: usize) -> Option<HashMap<String, i64>> {
+    let reads = join_all(seeded.iter().map(|n| scan_counters(n))).await;
+    let mut merged: HashMap<String, i64> = HashMap::new();
+    let mut ok = 0;
+    for read in reads {
+        match read {
+            Ok(counters) => {
+                ok += 1;
+                for (k, v) in counters {
+                    let e = merged.entry(k).or_insert(v);
+                    *e = (*e).max(v);
+                }
+            }
+            Err(failure) => tracing::warn!(%failure, "could not read fence counters"),
+        }
+    }
+    (ok >= quorum).then_some(merged)
+}
+
+async fn scan_counters(node: &Node) -> Result<Vec<(String, i64)>, crate::NodeFailure> {
+    let pattern = format!("{}*", scripts::FENCE_PREFIX);
+    let mut cursor: u64 = 0;
+    let mut out = Vec::new();
+    loop {
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000);
+        let (next, keys): (u64, Vec<String>) = node.query(&scan, SEED_TIMEOUT).await?;
+        if !keys.is_empty() {
+            let mut mget = redis::cmd("MGET");
+            mget.arg(&keys);
+            let values: Vec<Option<i64>> = node.query(&mget, SEED_TIMEOUT).await?;
+            out.extend(
+                keys.into_iter()
+                    .zip(values)
+                    .filter_map(|(k, v)| v.map(|v| (k, v))),
+            );
+        }
+        if next == 0 {
+            return Ok(out);
+        }
+        cursor = next;
+    }
+}
