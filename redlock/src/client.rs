@@ -123,6 +123,8 @@ pub(crate) struct Replies {
     pub(crate) lowest: i64,
     /// How many nodes said they came up empty and have not been seeded.
     pub(crate) unseeded: usize,
+    /// The nodes (by index) whose connection broke under the command.
+    pub(crate) broken: Vec<usize>,
 }
 
 /// How a release round went, per node.
@@ -539,6 +541,7 @@ impl Redlock {
             highest: 0,
             lowest: i64::MAX,
             unseeded: 0,
+            broken: Vec::new(),
         };
         let mut answered = vec![false; nodes.len()];
         let mut replies: FuturesUnordered<_> = nodes
@@ -574,6 +577,11 @@ impl Redlock {
                             "restarted"
                         }
                         Err(failure) => {
+                            if let NodeFailure::Redis { error, .. } = &failure
+                                && (error.is_io_error() || error.is_connection_dropped())
+                            {
+                                out.broken.push(i);
+                            }
                             out.tally.failed += 1;
                             out.failures.push(failure);
                             "failed"
@@ -619,10 +627,22 @@ impl Redlock {
         let replies = self
             .broadcast("release", &scripts::RELEASE, keys, &args, deadline, false)
             .await;
-        ReleaseOutcome {
+        let mut outcome = ReleaseOutcome {
             deleted: replies.tally.ok,
             failures: replies.failures,
+        };
+        // A node that restarted (or whose connection dropped) is reconnected on demand:
+        // one more try there, rather than leaving our key behind until its TTL. A node with
+        // AOF keeps our key across its restart.
+        for i in replies.broken {
+            let node = &self.inner.nodes[i];
+            let retry = node.eval::<i64>(&scripts::RELEASE, keys, &args);
+            if let Ok(Ok(n)) = tokio::time::timeout(self.inner.node_timeout, retry).await {
+                outcome.failures.retain(|f| f.node() != node.addr());
+                outcome.deleted += usize::from(n > 0);
+            }
         }
+        outcome
     }
 
     /// Compare-and-PEXPIRE on every node, decided at quorum, bounded by the node timeout

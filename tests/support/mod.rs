@@ -3,7 +3,8 @@
 //! Every node runs on the host's network namespace at a port chosen up front, so that a
 //! stopped and restarted node comes back at the address the client already has (a mapped
 //! port would change), and no docker-proxy sits between client and node. Nodes run without persistence (`--save "" --appendonly no`): a restart empties
-//! them, which is the harshest case for the lock.
+//! them, which is the harshest case for the lock; `start_with_aof` gives nodes that keep
+//! their data.
 #![allow(dead_code, unreachable_pub)]
 
 use std::net::TcpListener;
@@ -43,7 +44,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn start_node() -> Node {
+async fn start_node(aof: bool) -> Node {
     let port = free_port();
     let port_arg = port.to_string();
     // Host networking: the node listens on 127.0.0.1:<port> itself, with no docker-proxy
@@ -62,7 +63,9 @@ async fn start_node() -> Node {
             "--save",
             "",
             "--appendonly",
-            "no",
+            if aof { "yes" } else { "no" },
+            "--appendfsync",
+            "always",
         ])
         .with_network("host")
         .with_label("fencelock-test", "node")
@@ -77,7 +80,14 @@ async fn start_node() -> Node {
 impl Cluster {
     /// Starts `n` nodes in parallel.
     pub async fn start(n: usize) -> Cluster {
-        let nodes = join_all((0..n).map(|_| start_node())).await;
+        let nodes = join_all((0..n).map(|_| start_node(false))).await;
+        Cluster { nodes }
+    }
+
+    /// Starts `n` nodes with AOF persistence (fsync on every write): a restart keeps their
+    /// data.
+    pub async fn start_with_aof(n: usize) -> Cluster {
+        let nodes = join_all((0..n).map(|_| start_node(true))).await;
         Cluster { nodes }
     }
 

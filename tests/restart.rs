@@ -1,0 +1,121 @@
+//! Restart awareness: a node restarted empty while a lock is held does not let a second
+//! client take that lock; it is seeded and sits out its quarantine. A node with AOF keeps
+//! its state and needs no quarantine.
+
+mod support;
+
+use std::time::Duration;
+
+use fencelock::{Error, ErrorKind, NodeFailure, Redlock, RetryPolicy};
+use redis::AsyncCommands;
+use support::{Cluster, TEST_NODE_TIMEOUT};
+
+async fn client(cluster: &Cluster, quarantine: Duration) -> Redlock {
+    Redlock::builder()
+        .nodes(cluster.urls())
+        .node_timeout(TEST_NODE_TIMEOUT)
+        .fencing(true)
+        .restart_quarantine(quarantine)
+        .retry(RetryPolicy::never())
+        .build()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_restarted_empty_does_not_let_a_second_holder_in() {
+    let cluster = Cluster::start(5).await;
+    let quarantine = Duration::from_secs(3);
+    let a = client(&cluster, quarantine).await;
+    // A holds the lock on exactly nodes 0, 1 and 2.
+    cluster.pause(3).await;
+    cluster.pause(4).await;
+    let held = a.lock("restart:r", Duration::from_secs(20)).await.unwrap();
+    let token = held.fencing_token().unwrap();
+    cluster.unpause(3).await;
+    cluster.unpause(4).await;
+    for i in [3, 4] {
+        // The SETs queued while they were paused land now; take them away so that A holds
+        // exactly a bare quorum.
+        let mut c = cluster.conn(i).await;
+        let _: () = c.del("restart:r").await.unwrap();
+    }
+    // Node 2 loses its data.
+    cluster.restart_empty(2).await;
+
+    // Without restart awareness B would get nodes 2, 3 and 4: a second holder.
+    let b = client(&cluster, quarantine).await;
+    let err = b
+        .try_lock("restart:r", Duration::from_secs(5))
+        .await
+        .expect_err("node 2 must not vote");
+    // Nodes 0 and 1 are A's, 3 and 4 grant, node 2 sits out: 2 of the 3 needed.
+    assert_eq!(err.kind(), ErrorKind::Contended, "{err}");
+    assert!(held.is_valid());
+
+    // Node 2 has been seeded from the others (it knows A's token) and waits out its
+    // quarantine on its own clock.
+    let mut c2 = cluster.conn(2).await;
+    let state: (Option<String>, Option<u64>) = redis::cmd("HMGET")
+        .arg("fencelock:node")
+        .arg("seeded")
+        .arg("vote_after")
+        .query_async(&mut c2)
+        .await
+        .unwrap();
+    assert_eq!(state.0.as_deref(), Some("1"), "node 2 was seeded");
+    let counter: Option<u64> = c2.get("fencelock:fence:{restart:r}").await.unwrap();
+    assert_eq!(counter, Some(token), "node 2 got the fence counter back");
+    let err = b.try_lock("restart:other", Duration::from_secs(5)).await;
+    if let Err(Error::NoQuorum { failures, .. }) = &err {
+        panic!("nodes 0, 1, 3, 4 are a quorum: {failures:?}");
+    }
+    err.unwrap().release().await.unwrap();
+
+    // A's lock now stands on two nodes, short of a quorum, and its release says so.
+    let err = held.release().await.expect_err("node 2 lost A's key");
+    assert_eq!(err.kind(), ErrorKind::Lost);
+    // After the quarantine node 2 votes again: with two others gone it is needed.
+    tokio::time::sleep(quarantine).await;
+    cluster.pause(0).await;
+    cluster.pause(1).await;
+    let after = b
+        .try_lock("restart:r", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(after.fencing_token().unwrap() > token);
+    after.release().await.unwrap();
+    cluster.unpause(0).await;
+    cluster.unpause(1).await;
+    cluster.assert_no_keys_within(Duration::from_secs(2)).await;
+    cluster.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_with_aof_keeps_its_state_and_needs_no_quarantine() {
+    let cluster = Cluster::start_with_aof(3).await;
+    let quarantine = Duration::from_secs(60);
+    let a = client(&cluster, quarantine).await;
+    let held = a.lock("aof:r", Duration::from_secs(20)).await.unwrap();
+    cluster.stop(1).await;
+    cluster.start_again(1).await;
+    // Node 1 still holds A's key after the restart.
+    let mut c1 = cluster.conn(1).await;
+    let v: Option<String> = c1.get("aof:r").await.unwrap();
+    assert_eq!(v.as_deref(), Some(held.value()));
+    held.release().await.unwrap();
+    // And it votes at once: with node 0 gone, nodes 1 and 2 are the quorum.
+    cluster.stop(0).await;
+    let b = client(&cluster, quarantine).await;
+    let guard = b.try_lock("aof:r", Duration::from_secs(5)).await;
+    if let Err(e) = &guard {
+        assert!(
+            !matches!(e, Error::NoQuorum { failures, .. } if failures.iter().any(|f| matches!(f, NodeFailure::Restarted { .. }))),
+            "node 1 was quarantined: {e}"
+        );
+    }
+    guard.unwrap().release().await.unwrap();
+    cluster.start_again(0).await;
+    cluster.assert_no_keys().await;
+    cluster.teardown().await;
+}
