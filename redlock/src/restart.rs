@@ -5,7 +5,10 @@
 //! the fence counters from a quorum of seeded nodes, taking the largest value of each, and
 //! marks the node seeded. The quarantine then runs out on the node's own clock. When a
 //! quorum of nodes is unseeded and none is seeded, the cluster is new: nothing was ever
-//! locked, so the nodes are marked seeded and the quarantine is lifted.
+//! locked, so the nodes are marked seeded and the quarantine is lifted. When fewer than a
+//! quorum are seeded but every node answers (a majority lost its data, or empty nodes were
+//! added), the remaining counters are the best there is: they are copied, the quarantine
+//! stays, and an error is logged, since tokens may then repeat.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -64,25 +67,39 @@ impl Redlock {
             return false;
         }
         let genesis = seeded.is_empty() && unseeded.len() >= quorum;
+        let all_answered = seeded.len() + unseeded.len() == nodes.len();
         let counters = if genesis {
             tracing::info!(
                 nodes = unseeded.len(),
                 "new cluster: marking its nodes seeded"
             );
             HashMap::new()
-        } else {
-            if seeded.len() < quorum {
-                tracing::warn!(
-                    seeded = seeded.len(),
-                    quorum,
-                    "nodes came up empty, but fewer than a quorum of seeded nodes answer; cannot seed them yet"
-                );
-                return false;
-            }
+        } else if seeded.len() >= quorum {
             match read_counters(&seeded, quorum).await {
                 Some(counters) => counters,
                 None => return false,
             }
+        } else if all_answered && !seeded.is_empty() {
+            // Fewer than a quorum remember anything: a majority lost its data, or empty
+            // nodes were added to a smaller deployment. Waiting would never end; seed from
+            // what is left and keep the quarantine, and say loudly what that means.
+            tracing::error!(
+                seeded = seeded.len(),
+                unseeded = unseeded.len(),
+                quorum,
+                "fewer than a quorum of lock nodes kept their data; seeding from the rest: fencing tokens issued before may repeat (run the lock nodes with AOF)"
+            );
+            match read_counters(&seeded, seeded.len()).await {
+                Some(counters) => counters,
+                None => return false,
+            }
+        } else {
+            tracing::warn!(
+                seeded = seeded.len(),
+                quorum,
+                "nodes came up empty, but fewer than a quorum of seeded nodes answer; cannot seed them yet"
+            );
+            return false;
         };
         let genesis_arg = u8::from(genesis);
         let quarantine_ms = self.quarantine().as_millis() as u64;

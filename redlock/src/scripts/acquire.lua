@@ -13,7 +13,8 @@
 --
 -- KEYS[1..n]      the resource keys (the resource names as given: the interop convention)
 -- KEYS[n+1..2n]   with fencing only: the resources' fence counter keys
--- KEYS[#KEYS]     the node key (`fencelock:node`)
+-- KEYS[#KEYS]     the node key (`fencelock:node`); its `ready` marker is that name with
+--                 `:ready` appended
 -- ARGV[1]         the lock value: 128 random bits, unique to this acquisition
 -- ARGV[2]         the TTL in milliseconds
 -- ARGV[3]         the quarantine in milliseconds, for a node seen empty for the first time
@@ -30,20 +31,24 @@ if fenced then
   n = n / 2
 end
 
-local state = redis.call('HMGET', node, 'vote_after', 'seeded')
-if not state[1] then
+-- The common case first: a node that may vote has a `ready` marker beside its state, so
+-- one EXISTS decides. A restart without data loses both.
+local ready = node .. ':ready'
+if redis.call('EXISTS', ready) == 0 then
+  local state = redis.call('HMGET', node, 'vote_after', 'seeded')
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('HSET', node, 'vote_after', now + tonumber(ARGV[3]), 'seeded', 0)
-  return -2
-end
-if state[2] ~= '1' then
-  return -2
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if now < tonumber(state[1]) then
-  return -1
+  if not state[1] then
+    redis.call('HSET', node, 'vote_after', now + tonumber(ARGV[3]), 'seeded', 0)
+    return -2
+  end
+  if state[2] ~= '1' then
+    return -2
+  end
+  if now < tonumber(state[1]) then
+    return -1
+  end
+  redis.call('SET', ready, 1)
 end
 
 for i = 1, n do

@@ -20,6 +20,7 @@ for i = 2, #KEYS do
 end
 if ARGV[1] == '1' then
   redis.call('HSET', KEYS[1], 'vote_after', 0)
+  redis.call('SET', KEYS[1] .. ':ready', 1)
 elseif redis.call('HEXISTS', KEYS[1], 'vote_after') == 0 then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
