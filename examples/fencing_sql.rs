@@ -32,20 +32,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                               fence INTEGER NOT NULL DEFAULT 0);
          INSERT INTO orders (id, status) VALUES (42, 'pending');",
     )?;
-    let locks = Redlock::builder()
+    // Two clients stand for two worker processes.
+    let worker_a = Redlock::builder()
+        .nodes(common::node_urls())
+        .fencing(true)
+        .build()
+        .await?;
+    let worker_b = Redlock::builder()
         .nodes(common::node_urls())
         .fencing(true)
         .build()
         .await?;
 
-    let a = locks
+    let a = worker_a
         .lock("example:payment:42", Duration::from_millis(300))
         .await?;
     let a_token = a.fencing_token().expect("fencing is on");
     println!("worker A holds the lock with token {a_token}; now it stalls");
     tokio::time::sleep(Duration::from_millis(400)).await; // past its validity
 
-    let b = locks
+    let b = worker_b
         .lock("example:payment:42", Duration::from_secs(5))
         .await?;
     let b_token = b.fencing_token().expect("fencing is on");

@@ -208,7 +208,8 @@ impl Redlock {
     /// node-redlock and redsync, so services in other languages can share these locks.
     /// Tasks of this process that lock the same resource through clones of this client wait
     /// for each other in-process, for at most the retry policy's total wait, before they
-    /// contend in Redis.
+    /// contend in Redis. A guard held in this process blocks them until it is released or
+    /// dropped, even past its validity: release guards promptly.
     ///
     /// # Errors
     ///
