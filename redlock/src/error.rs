@@ -182,6 +182,11 @@ pub enum LostReason {
     Expired,
     /// A quorum of nodes answered that the key no longer holds our value.
     NotOwned,
+    /// Auto-extension stopped at its maximum total hold time, and the lock then expired.
+    HoldLimit,
+    /// Auto-extension stopped at its maximum number of extensions, and the lock then
+    /// expired.
+    ExtensionLimit,
 }
 
 impl Error {
@@ -268,6 +273,14 @@ impl fmt::Display for Error {
                         "lock on `{resource}` is no longer held by us on a quorum"
                     )
                 }
+                LostReason::HoldLimit => write!(
+                    f,
+                    "lock on `{resource}` expired after reaching its maximum hold time"
+                ),
+                LostReason::ExtensionLimit => write!(
+                    f,
+                    "lock on `{resource}` expired after reaching its maximum number of extensions"
+                ),
             },
             Error::Redis(NodeFailure::Timeout { node, after }) => {
                 write!(

@@ -47,6 +47,7 @@ mod quorum;
 mod restart;
 mod retry;
 mod scripts;
+mod watchdog;
 
 pub use builder::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRIFT_FACTOR, DEFAULT_MAX_LOCAL_HANDOFFS,
@@ -56,6 +57,7 @@ pub use client::Redlock;
 pub use error::{ConfigError, Error, ErrorKind, LostReason, NodeFailure};
 pub use guard::LockGuard;
 pub use retry::RetryPolicy;
+pub use watchdog::{AutoExtend, LockHealth, LockState, ScopedError, WatchdogConfig};
 
 #[cfg(test)]
 mod send_sync {
@@ -72,5 +74,20 @@ mod send_sync {
         is_static::<crate::LockGuard>();
         is_send::<crate::Error>();
         is_sync::<crate::Error>();
+        is_send::<crate::AutoExtend>();
+        is_sync::<crate::AutoExtend>();
+        is_send::<crate::LockHealth>();
+        is_sync::<crate::LockHealth>();
+    }
+
+    /// The lock futures can be spawned: they are `Send` when the work is.
+    #[allow(dead_code)]
+    fn futures_are_send(client: crate::Redlock, guard: crate::LockGuard) {
+        fn is_send_value<T: Send>(_: T) {}
+        let ttl = std::time::Duration::from_secs(1);
+        is_send_value(client.lock("r", ttl));
+        is_send_value(client.lock_many(&["a", "b"], ttl));
+        is_send_value(client.using(&["r"], ttl, |_health| async { Ok::<(), ()>(()) }));
+        is_send_value(guard.release());
     }
 }

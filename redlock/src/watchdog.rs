@@ -1,0 +1,443 @@
+//! Auto-extension: a watchdog that keeps a lock alive while work runs under it, and tells
+//! the work when the lock is at risk, before it is lost.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::pin;
+use std::time::{Duration, Instant};
+
+use futures_util::future::{Either, select};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::client::Redlock;
+use crate::error::{Error, ErrorKind, LostReason};
+use crate::guard::LockGuard;
+
+/// How a watched lock stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LockState {
+    /// Extensions succeed; the lock is safe.
+    Held,
+    /// An extension failed and the remaining validity fell below the at-risk threshold:
+    /// finish or checkpoint now. Fires before validity runs out. The watchdog keeps trying,
+    /// and the state goes back to `Held` if an extension gets through.
+    AtRisk,
+    /// The lock is gone: validity ran out, a quorum no longer holds our value, or a limit
+    /// of the watchdog was reached and the lock then expired.
+    Lost(LostReason),
+}
+
+/// Watches a lock: poll it with [`state`](Self::state), or await
+/// [`at_risk`](Self::at_risk) and [`lost`](Self::lost). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct LockHealth {
+    rx: watch::Receiver<LockState>,
+    token: Option<u64>,
+}
+
+impl LockHealth {
+    /// The state now.
+    pub fn state(&self) -> LockState {
+        *self.rx.borrow()
+    }
+
+    /// Whether the lock is lost.
+    pub fn is_lost(&self) -> bool {
+        matches!(self.state(), LockState::Lost(_))
+    }
+
+    /// The fencing token of the watched lock, when fencing is on.
+    pub fn fencing_token(&self) -> Option<u64> {
+        self.token
+    }
+
+    /// Resolves once the lock is at risk or lost, returning that state.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it only watches.
+    pub async fn at_risk(&self) -> LockState {
+        let mut rx = self.rx.clone();
+        match rx.wait_for(|s| *s != LockState::Held).await {
+            Ok(s) => *s,
+            // The watchdog is gone, and with it the lock.
+            Err(_) => LockState::Lost(LostReason::Expired),
+        }
+    }
+
+    /// Resolves once the lock is lost, returning why.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it only watches.
+    pub async fn lost(&self) -> LostReason {
+        let mut rx = self.rx.clone();
+        match rx.wait_for(|s| matches!(s, LockState::Lost(_))).await {
+            Ok(s) => match *s {
+                LockState::Lost(reason) => reason,
+                _ => LostReason::Expired,
+            },
+            Err(_) => LostReason::Expired,
+        }
+    }
+}
+
+/// Settings of the watchdog, with consuming setters.
+#[derive(Debug, Clone, Copy)]
+#[must_use]
+pub struct WatchdogConfig {
+    max_hold: Duration,
+    max_extensions: u32,
+    at_risk_fraction: f64,
+    cancel_on_loss: bool,
+}
+
+impl Default for WatchdogConfig {
+    /// Extend at ttl/3 for at most 1 hour and 10 000 extensions; at risk below ttl/3 of
+    /// validity; the scoped work is cancelled when the lock is lost.
+    fn default() -> Self {
+        WatchdogConfig {
+            max_hold: Duration::from_secs(3600),
+            max_extensions: 10_000,
+            at_risk_fraction: 1.0 / 3.0,
+            cancel_on_loss: true,
+        }
+    }
+}
+
+impl WatchdogConfig {
+    /// The longest the lock is kept in total, from the watchdog's start (default 1 hour). After
+    /// that the watchdog stops extending and the lock expires with
+    /// [`LostReason::HoldLimit`].
+    pub fn max_hold(mut self, max: Duration) -> Self {
+        self.max_hold = max;
+        self
+    }
+
+    /// The most extensions the watchdog makes (default 10 000). After that the lock
+    /// expires with [`LostReason::ExtensionLimit`].
+    pub fn max_extensions(mut self, max: u32) -> Self {
+        self.max_extensions = max;
+        self
+    }
+
+    /// At risk once an extension failed and validity is below this fraction of the TTL
+    /// (default 1/3). Clamped to `(0, 1)`.
+    pub fn at_risk_fraction(mut self, fraction: f64) -> Self {
+        self.at_risk_fraction = fraction.clamp(0.01, 0.99);
+        self
+    }
+
+    /// Whether [`Redlock::using`] drops the work's future when the lock is lost (default
+    /// true). When false, the work runs to its end and must watch [`LockHealth`] itself.
+    pub fn cancel_on_loss(mut self, cancel: bool) -> Self {
+        self.cancel_on_loss = cancel;
+        self
+    }
+}
+
+/// A lock kept alive by a watchdog task. Get the guard back with
+/// [`stop`](Self::stop); dropping it stops the watchdog and releases the lock in the
+/// background, like dropping a guard.
+#[must_use = "dropping the handle stops the watchdog and releases the lock"]
+pub struct AutoExtend {
+    health: LockHealth,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<LockGuard>>,
+}
+
+impl fmt::Debug for AutoExtend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AutoExtend")
+            .field("state", &self.health.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AutoExtend {
+    pub(crate) fn start(guard: LockGuard, config: WatchdogConfig) -> Self {
+        let (tx, rx) = watch::channel(LockState::Held);
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let health = LockHealth {
+            rx,
+            token: guard.fencing_token(),
+        };
+        let task = tokio::spawn(watch_lock(guard, config, tx, stop_rx));
+        AutoExtend {
+            health,
+            stop: Some(stop_tx),
+            task: Some(task),
+        }
+    }
+
+    /// A handle on the lock's state, for the work running under it.
+    pub fn health(&self) -> LockHealth {
+        self.health.clone()
+    }
+
+    /// Stops the watchdog and returns the guard, to release or keep.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the watchdog has been told to stop and the guard it
+    /// returns is dropped, which releases the lock in the background.
+    pub async fn stop(mut self) -> LockGuard {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = self.task.take().expect("the task is only taken here");
+        task.await.expect("the watchdog task does not panic")
+    }
+}
+
+impl Drop for AutoExtend {
+    fn drop(&mut self) {
+        // The task sees the channel closed, stops, and drops the guard: a background release.
+        self.stop.take();
+    }
+}
+
+async fn watch_lock(
+    mut guard: LockGuard,
+    config: WatchdogConfig,
+    state: watch::Sender<LockState>,
+    mut stop: oneshot::Receiver<()>,
+) -> LockGuard {
+    let ttl = guard.ttl();
+    let hold_until = Instant::now() + config.max_hold;
+    let at_risk_below = ttl.mul_f64(config.at_risk_fraction);
+    let mut extensions = 0u32;
+    let mut next = Instant::now() + ttl / 3;
+    let mut failing = false;
+    // Set once a limit stops the extensions; the lock then runs out its validity.
+    let mut limit: Option<LostReason> = None;
+    loop {
+        // Wake for the next extension, or while failing or limited, often enough to report
+        // at-risk and loss on time; a stop request wins at any point.
+        let wake = if failing || limit.is_some() {
+            (Instant::now() + (ttl / 20).max(Duration::from_millis(5))).min(guard.valid_until())
+        } else {
+            next
+        };
+        let sleep = pin!(tokio::time::sleep_until(wake.into()));
+        if let Either::Right(_) = select(sleep, &mut stop).await {
+            return guard;
+        }
+        if !guard.is_valid() {
+            state.send_replace(LockState::Lost(limit.unwrap_or(LostReason::Expired)));
+            return wait_for_stop(guard, stop).await;
+        }
+        if limit.is_none() && extensions >= config.max_extensions {
+            limit = Some(LostReason::ExtensionLimit);
+        }
+        // Never extend past the hold limit; an extension too short to be valid is the limit.
+        let extend_to = ttl.min(hold_until.saturating_duration_since(Instant::now()));
+        if limit.is_none() && extend_to <= guard.validity() {
+            limit = Some(LostReason::HoldLimit);
+        }
+        if limit.is_some() {
+            if guard.validity() < at_risk_below {
+                state.send_if_modified(|s| replace(s, LockState::AtRisk));
+            }
+            continue;
+        }
+        match guard.extend(extend_to).await {
+            Ok(()) => {
+                extensions += 1;
+                failing = false;
+                next = Instant::now() + ttl / 3;
+                if extend_to < ttl {
+                    // Cut short by the hold limit: this was the last extension.
+                    limit = Some(LostReason::HoldLimit);
+                }
+                state.send_if_modified(|s| replace(s, LockState::Held));
+            }
+            Err(e) if e.kind() == ErrorKind::Lost => {
+                let reason = match e {
+                    Error::Lost { reason, .. } => reason,
+                    _ => LostReason::Expired,
+                };
+                state.send_replace(LockState::Lost(reason));
+                return wait_for_stop(guard, stop).await;
+            }
+            Err(e) if e.kind() == ErrorKind::Config => {
+                // The remaining hold time is too short for a valid extension.
+                limit = Some(LostReason::HoldLimit);
+            }
+            Err(e) => {
+                // Transient: keep trying within the validity; never delete anything.
+                tracing::debug!(resource = guard.resource(), error = %e, "extension failed; retrying");
+                failing = true;
+                if guard.validity() < at_risk_below {
+                    state.send_if_modified(|s| replace(s, LockState::AtRisk));
+                }
+            }
+        }
+    }
+}
+
+fn replace(slot: &mut LockState, new: LockState) -> bool {
+    let changed = *slot != new;
+    *slot = new;
+    changed
+}
+
+async fn wait_for_stop(guard: LockGuard, stop: oneshot::Receiver<()>) -> LockGuard {
+    let _ = stop.await;
+    guard
+}
+
+/// What [`Redlock::using`] returns on failure.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ScopedError<E> {
+    /// The lock could not be taken; the work did not run.
+    Acquire(Error),
+    /// The work returned an error while the lock held; the lock was released.
+    Work(E),
+    /// The lock was lost while the work ran (its future was dropped, unless
+    /// `cancel_on_loss` is off) or was found lost at release. Carries the work's own error,
+    /// if it returned one, so that nothing is hidden.
+    Lost {
+        /// Why the lock is lost.
+        error: Error,
+        /// The work's own error, if it finished with one.
+        work: Option<E>,
+    },
+}
+
+impl<E: fmt::Display> fmt::Display for ScopedError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ScopedError::Acquire(e) => write!(f, "could not take the lock: {e}"),
+            ScopedError::Work(e) => write!(f, "the work under the lock failed: {e}"),
+            ScopedError::Lost { error, work: None } => write!(f, "{error}"),
+            ScopedError::Lost {
+                error,
+                work: Some(work),
+            } => write!(f, "{error}; the work also failed: {work}"),
+        }
+    }
+}
+
+impl<E: fmt::Debug + fmt::Display> std::error::Error for ScopedError<E> {}
+
+impl Redlock {
+    /// Runs `work` under a lock on `resources`, kept alive by a watchdog that extends it at
+    /// about ttl/3, with the default [`WatchdogConfig`].
+    ///
+    /// `work` gets a [`LockHealth`] that turns [`AtRisk`](LockState::AtRisk) before the lock
+    /// can expire and [`Lost`](LockState::Lost) when it has. When the lock is lost, the
+    /// work's future is dropped and the call returns [`ScopedError::Lost`]. The lock is
+    /// released when the work ends, and a release that finds the lock gone is reported, not
+    /// hidden behind the work's result.
+    ///
+    /// # Errors
+    ///
+    /// [`ScopedError::Acquire`] when the lock cannot be taken, [`ScopedError::Work`] for the
+    /// work's own error, [`ScopedError::Lost`] when the lock was lost.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the work's future is dropped with it and the lock is
+    /// released in the background.
+    pub async fn using<F, Fut, T, E>(
+        &self,
+        resources: &[&str],
+        ttl: Duration,
+        work: F,
+    ) -> Result<T, ScopedError<E>>
+    where
+        F: FnOnce(LockHealth) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.using_with(resources, ttl, WatchdogConfig::default(), work)
+            .await
+    }
+
+    /// [`using`](Self::using) with explicit watchdog settings.
+    ///
+    /// # Errors
+    ///
+    /// As [`using`](Self::using).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`using`](Self::using).
+    pub async fn using_with<F, Fut, T, E>(
+        &self,
+        resources: &[&str],
+        ttl: Duration,
+        config: WatchdogConfig,
+        work: F,
+    ) -> Result<T, ScopedError<E>>
+    where
+        F: FnOnce(LockHealth) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let guard = self
+            .lock_many(resources, ttl)
+            .await
+            .map_err(ScopedError::Acquire)?;
+        let watched = guard.auto_extend_with(config);
+        let health = watched.health();
+        let outcome = {
+            let work = pin!(work(health.clone()));
+            if config.cancel_on_loss {
+                match select(work, pin!(health.lost())).await {
+                    Either::Left((result, _)) => Some(result),
+                    Either::Right(_) => None,
+                }
+            } else {
+                Some(work.await)
+            }
+        };
+        let guard = watched.stop().await;
+        let released = guard.release().await;
+        match (outcome, released) {
+            (Some(Ok(v)), Ok(())) => Ok(v),
+            (Some(Err(e)), Ok(())) => Err(ScopedError::Work(e)),
+            (Some(result), Err(error)) => Err(ScopedError::Lost {
+                error,
+                work: result.err(),
+            }),
+            // The watchdog knows best why the lock went (a limit, or the nodes); the
+            // release, which found it gone, adds nothing.
+            (None, released) => Err(ScopedError::Lost {
+                error: match (health.state(), released) {
+                    (LockState::Lost(reason), _) => Error::Lost {
+                        resource: resources
+                            .first()
+                            .map(|r| (*r).to_owned())
+                            .unwrap_or_default(),
+                        reason,
+                    },
+                    (_, Err(error)) => error,
+                    (_, Ok(())) => Error::Lost {
+                        resource: resources
+                            .first()
+                            .map(|r| (*r).to_owned())
+                            .unwrap_or_default(),
+                        reason: LostReason::Expired,
+                    },
+                },
+                work: None,
+            }),
+        }
+    }
+}
+
+impl LockGuard {
+    /// Hands the guard to a watchdog that extends it at about ttl/3, with the default
+    /// [`WatchdogConfig`]. Needs a tokio runtime.
+    pub fn auto_extend(self) -> AutoExtend {
+        self.auto_extend_with(WatchdogConfig::default())
+    }
+
+    /// [`auto_extend`](Self::auto_extend) with explicit settings.
+    pub fn auto_extend_with(self, config: WatchdogConfig) -> AutoExtend {
+        AutoExtend::start(self, config)
+    }
+}
