@@ -2,7 +2,7 @@
 # Runs the examples against three real Redis nodes on 127.0.0.1:7001-7003.
 #
 #   scripts/demo.sh                # every example
-#   scripts/demo.sh payment        # one of: basic try_lock multi_resource payment fencing_sql
+#   scripts/demo.sh payment        # one of: basic try_lock multi_resource payment fencing_sql auto_extend
 #
 # Builds the redis:7.0 image when it is missing, starts the nodes as containers on the
 # host's network, and removes them afterwards (also on failure or Ctrl-C).
@@ -26,7 +26,7 @@ done
 export FENCELOCK_NODES="redis://127.0.0.1:7001,redis://127.0.0.1:7002,redis://127.0.0.1:7003"
 
 examples=("$@")
-[ ${#examples[@]} -gt 0 ] || examples=(basic try_lock multi_resource payment fencing_sql)
+[ ${#examples[@]} -gt 0 ] || examples=(basic try_lock multi_resource payment fencing_sql auto_extend)
 for ex in "${examples[@]}"; do
   echo "== example: $ex"
   cargo run -q --example "$ex"
