@@ -51,9 +51,19 @@ if redis.call('EXISTS', ready) == 0 then
   redis.call('SET', ready, 1)
 end
 
-for i = 1, n do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
+if n == 1 then
+  -- One key: SET NX is the check and the write in one command.
+  if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
     return 0
+  end
+else
+  for i = 1, n do
+    if redis.call('EXISTS', KEYS[i]) == 1 then
+      return 0
+    end
+  end
+  for i = 1, n do
+    redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
   end
 end
 local token = 1
@@ -69,8 +79,5 @@ if fenced then
   for i = n + 1, 2 * n do
     redis.call('SET', KEYS[i], token)
   end
-end
-for i = 1, n do
-  redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
 end
 return token
