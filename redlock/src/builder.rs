@@ -55,6 +55,10 @@ pub struct RedlockBuilder {
     max_local_handoffs: usize,
     fencing: bool,
     quarantine: Duration,
+    #[cfg(feature = "sim")]
+    jitter_seed: Option<u64>,
+    #[cfg(feature = "sim")]
+    write_back: bool,
 }
 
 impl Default for RedlockBuilder {
@@ -68,6 +72,10 @@ impl Default for RedlockBuilder {
             max_local_handoffs: DEFAULT_MAX_LOCAL_HANDOFFS,
             fencing: false,
             quarantine: DEFAULT_RESTART_QUARANTINE,
+            #[cfg(feature = "sim")]
+            jitter_seed: None,
+            #[cfg(feature = "sim")]
+            write_back: true,
         }
     }
 }
@@ -169,22 +177,7 @@ impl RedlockBuilder {
                 "no nodes given; a lock needs at least one Redis node (3 or 5 to survive failures)",
             ));
         }
-        if !(self.drift_factor >= 0.0 && self.drift_factor < 0.5) {
-            return Err(Error::config(
-                "drift_factor",
-                format!("{} is outside [0, 0.5)", self.drift_factor),
-            ));
-        }
-        if self.node_timeout.is_zero() {
-            return Err(Error::config("node_timeout", "must be greater than zero"));
-        }
-        if self.connect_timeout.is_zero() {
-            return Err(Error::config(
-                "connect_timeout",
-                "must be greater than zero",
-            ));
-        }
-
+        self.check_settings()?;
         let mut nodes = Vec::with_capacity(self.nodes.len());
         let mut seen: HashMap<_, usize> = HashMap::new();
         for (i, url) in self.nodes.iter().enumerate() {
@@ -201,8 +194,69 @@ impl RedlockBuilder {
             }
             nodes.push(node);
         }
+        self.finish(nodes).await
+    }
+
+    /// Builds a client on simulated nodes (feature `sim`), with the same settings and
+    /// checks as [`build`](Self::build), for deterministic simulation tests.
+    ///
+    /// # Errors
+    ///
+    /// As [`build`](Self::build), for the settings.
+    #[cfg(feature = "sim")]
+    pub async fn build_simulated(self, cluster: &crate::sim::SimCluster) -> Result<Redlock, Error> {
+        if cluster.is_empty() {
+            return Err(Error::config("nodes", "the simulated cluster has no nodes"));
+        }
+        self.check_settings()?;
+        let nodes = cluster
+            .shared()
+            .iter()
+            .cloned()
+            .map(Node::simulated)
+            .collect();
+        self.finish(nodes).await
+    }
+
+    /// Draws retry jitter from a generator seeded with `seed` (feature `sim`), so that a
+    /// simulation replays exactly.
+    #[cfg(feature = "sim")]
+    pub fn jitter_seed(mut self, seed: u64) -> Self {
+        self.jitter_seed = Some(seed);
+        self
+    }
+
+    /// Skips the fencing write-back round (feature `sim`): a deliberately broken client,
+    /// for showing that the simulation's checker catches non-monotonic tokens.
+    #[cfg(feature = "sim")]
+    #[doc(hidden)]
+    pub fn sabotage_fence_write_back(mut self) -> Self {
+        self.write_back = false;
+        self
+    }
+
+    fn check_settings(&self) -> Result<(), Error> {
+        if !(self.drift_factor >= 0.0 && self.drift_factor < 0.5) {
+            return Err(Error::config(
+                "drift_factor",
+                format!("{} is outside [0, 0.5)", self.drift_factor),
+            ));
+        }
+        if self.node_timeout.is_zero() {
+            return Err(Error::config("node_timeout", "must be greater than zero"));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(Error::config(
+                "connect_timeout",
+                "must be greater than zero",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn finish(self, nodes: Vec<Node>) -> Result<Redlock, Error> {
         let n = nodes.len();
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             tracing::warn!(
                 nodes = n,
                 quorum = quorum(n),
@@ -216,7 +270,8 @@ impl RedlockBuilder {
             tracing::warn!(node = failure.node(), error = %failure, "lock node unreachable; will keep retrying");
         }
 
-        let client = Redlock::from_inner(Inner::new(
+        #[allow(unused_mut)]
+        let mut inner = Inner::new(
             nodes,
             self.node_timeout,
             self.drift_factor,
@@ -224,7 +279,16 @@ impl RedlockBuilder {
             self.max_local_handoffs,
             self.fencing,
             self.quarantine,
-        ));
+        );
+        #[cfg(feature = "sim")]
+        {
+            use rand::SeedableRng;
+            inner.jitter = self
+                .jitter_seed
+                .map(|seed| std::sync::Mutex::new(rand::rngs::SmallRng::seed_from_u64(seed)));
+            inner.write_back = self.write_back;
+        }
+        let client = Redlock::from_inner(inner);
         // A new cluster is initialised here, and nodes that came up empty are seeded, so
         // that the first lock does not have to.
         client.seed_nodes().await;

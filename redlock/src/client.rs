@@ -1,9 +1,11 @@
 //! The shared client: the nodes, the settings and the in-process wait queues.
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use std::pin::pin;
 
@@ -51,6 +53,11 @@ pub(crate) struct Inner {
     quarantine: Duration,
     /// Set while a seeding of restarted nodes runs, so that one client runs one at a time.
     pub(crate) seeding: AtomicBool,
+    /// A seeded source of retry jitter, for reproducible simulations; `None` draws from the
+    /// operating system.
+    pub(crate) jitter: Option<StdMutex<SmallRng>>,
+    /// Off only in simulations that show the checker catches a missing write-back.
+    pub(crate) write_back: bool,
     /// Tasks of this process that want the same resource queue here instead of hammering
     /// the nodes: one of them contends in Redis, the rest wait for a hand-off.
     local: Slots,
@@ -76,6 +83,8 @@ impl Inner {
             fencing,
             quarantine,
             seeding: AtomicBool::new(false),
+            jitter: None,
+            write_back: true,
             local: Slots::default(),
         }
     }
@@ -362,7 +371,11 @@ impl Redlock {
                     }
                     Err((e, _)) if e.is_retryable() && attempt <= policy.retries() => {
                         // Jitter needs no CSPRNG; a fresh SmallRng per wait keeps the future Send.
-                        let wait = policy.next_delay(&mut SmallRng::from_os_rng());
+                        let wait = match &self.inner.jitter {
+                            Some(rng) => policy
+                                .next_delay(&mut *rng.lock().unwrap_or_else(|p| p.into_inner())),
+                            None => policy.next_delay(&mut SmallRng::from_os_rng()),
+                        };
                         tracing::debug!(attempt, error = %e, wait_ms = wait.as_millis() as u64, "acquire round failed; retrying");
                         tokio::time::sleep(wait).await;
                     }
@@ -437,7 +450,11 @@ impl Redlock {
         // With fencing the token is the largest counter the quorum issued. If the quorum
         // did not all issue that one, raise their counters to it before handing it out.
         let mut fence_failed = false;
-        if fenced && tally.decision() == Decision::Reached && replies.highest != replies.lowest {
+        if fenced
+            && self.inner.write_back
+            && tally.decision() == Decision::Reached
+            && replies.highest != replies.lowest
+        {
             let fence_keys = &script_keys[..2 * keys.len()];
             let token = replies.highest;
             let write_back = self
@@ -548,9 +565,9 @@ impl Redlock {
         let mut replies: FuturesUnordered<_> = nodes
             .iter()
             .enumerate()
-            .map(|(i, node)| async move { (i, node.eval::<i64>(script, keys, args).await) })
+            .map(|(i, node)| async move { (i, node.eval(script, keys, args).await) })
             .collect();
-        let mut expiry = pin!(tokio::time::sleep_until(deadline.into()));
+        let mut expiry = pin!(tokio::time::sleep_until(deadline));
         loop {
             match select(replies.next(), expiry.as_mut()).await {
                 Either::Left((Some((i, reply)), _)) => {
@@ -637,7 +654,7 @@ impl Redlock {
         // AOF keeps our key across its restart.
         for i in replies.broken {
             let node = &self.inner.nodes[i];
-            let retry = node.eval::<i64>(&scripts::RELEASE, keys, &args);
+            let retry = node.eval(&scripts::RELEASE, keys, &args);
             if let Ok(Ok(n)) = tokio::time::timeout(self.inner.node_timeout, retry).await {
                 outcome.failures.retain(|f| f.node() != node.addr());
                 outcome.deleted += usize::from(n > 0);

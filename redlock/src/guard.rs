@@ -2,7 +2,9 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tracing::Instrument;
 
@@ -94,7 +96,13 @@ impl LockGuard {
 
     /// The instant, on this process's monotonic clock, when the lock stops being safe:
     /// acquisition start + TTL − drift.
-    pub fn valid_until(&self) -> Instant {
+    pub fn valid_until(&self) -> std::time::Instant {
+        self.valid_until.into_std()
+    }
+
+    /// [`valid_until`](Self::valid_until) on tokio's clock, which a paused test runtime
+    /// controls.
+    pub(crate) fn deadline(&self) -> Instant {
         self.valid_until
     }
 

@@ -47,6 +47,8 @@ mod quorum;
 mod restart;
 mod retry;
 mod scripts;
+#[cfg(feature = "sim")]
+pub mod sim;
 mod watchdog;
 
 pub use builder::{

@@ -15,7 +15,15 @@ use crate::scripts;
 pub(crate) struct Node {
     /// `host:port` for logs and errors; never contains credentials.
     addr: String,
-    conn: ConnectionManager,
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Redis(ConnectionManager),
+    /// An in-process model of a node, for the deterministic simulation.
+    #[cfg(feature = "sim")]
+    Sim(std::sync::Arc<crate::sim::SimNode>),
 }
 
 impl fmt::Debug for Node {
@@ -52,20 +60,49 @@ impl Node {
             .set_max_delay(Duration::from_secs(1));
         let conn = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|e| Error::config(field, format!("cannot use `{}`: {e}", redact(url))))?;
-        Ok((Node { addr, conn }, identity))
+        Ok((
+            Node {
+                addr,
+                backend: Backend::Redis(conn),
+            },
+            identity,
+        ))
+    }
+
+    #[cfg(feature = "sim")]
+    pub(crate) fn simulated(node: std::sync::Arc<crate::sim::SimNode>) -> Node {
+        Node {
+            addr: node.name().to_owned(),
+            backend: Backend::Sim(node),
+        }
     }
 
     pub(crate) fn addr(&self) -> &str {
         &self.addr
     }
 
-    /// Runs `script` with `keys` and `args`. The caller bounds the time it may take.
-    pub(crate) async fn eval<T: FromRedisValue>(
+    /// Runs `script` with `keys` and `args`; every script returns an integer. The caller
+    /// bounds the time it may take.
+    pub(crate) async fn eval(
         &self,
         script: &Script,
         keys: &[String],
         args: &[&dyn ToRedisArgsDyn],
-    ) -> Result<T, NodeFailure> {
+    ) -> Result<i64, NodeFailure> {
+        let conn = match &self.backend {
+            Backend::Redis(conn) => conn,
+            #[cfg(feature = "sim")]
+            Backend::Sim(node) => {
+                let args: Vec<String> = args.iter().flat_map(|a| a.to_strings()).collect();
+                return node
+                    .eval(script, keys, &args)
+                    .await
+                    .map_err(|error| NodeFailure::Redis {
+                        node: self.addr.clone(),
+                        error,
+                    });
+            }
+        };
         let mut invocation = script.prepare_invoke();
         for key in keys {
             invocation.key(key);
@@ -73,9 +110,9 @@ impl Node {
         for arg in args {
             arg.push_to(&mut invocation);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = conn.clone();
         invocation
-            .invoke_async::<T>(&mut conn)
+            .invoke_async::<i64>(&mut conn)
             .await
             .map_err(|error| NodeFailure::Redis {
                 node: self.addr.clone(),
@@ -83,13 +120,67 @@ impl Node {
             })
     }
 
+    /// The node's restart state: `(vote_after, seeded)`, each absent on an empty node.
+    pub(crate) async fn restart_state(
+        &self,
+        timeout: Duration,
+    ) -> Result<(Option<String>, Option<String>), NodeFailure> {
+        #[cfg(feature = "sim")]
+        if let Backend::Sim(node) = &self.backend {
+            return Ok(node.restart_state());
+        }
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(scripts::NODE_KEY).arg("vote_after").arg("seeded");
+        self.query(&cmd, timeout).await
+    }
+
+    /// Every fence counter on the node.
+    pub(crate) async fn fence_counters(
+        &self,
+        timeout: Duration,
+    ) -> Result<Vec<(String, i64)>, NodeFailure> {
+        #[cfg(feature = "sim")]
+        if let Backend::Sim(node) = &self.backend {
+            return Ok(node.fence_counters());
+        }
+        let pattern = format!("{}*", scripts::FENCE_PREFIX);
+        let mut cursor: u64 = 0;
+        let mut out = Vec::new();
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000);
+            let (next, keys): (u64, Vec<String>) = self.query(&scan, timeout).await?;
+            if !keys.is_empty() {
+                let mut mget = redis::cmd("MGET");
+                mget.arg(&keys);
+                let values: Vec<Option<i64>> = self.query(&mget, timeout).await?;
+                out.extend(
+                    keys.into_iter()
+                        .zip(values)
+                        .filter_map(|(k, v)| v.map(|v| (k, v))),
+                );
+            }
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
+
     /// Runs one plain command, giving up after `timeout`.
-    pub(crate) async fn query<T: FromRedisValue>(
+    async fn query<T: FromRedisValue>(
         &self,
         cmd: &redis::Cmd,
         timeout: Duration,
     ) -> Result<T, NodeFailure> {
-        let mut conn = self.conn.clone();
+        let Backend::Redis(conn) = &self.backend else {
+            unreachable!("plain commands go to Redis nodes only");
+        };
+        let mut conn = conn.clone();
         match tokio::time::timeout(timeout, cmd.query_async::<T>(&mut conn)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(error)) => Err(NodeFailure::Redis {
@@ -110,7 +201,10 @@ impl Node {
     /// need a second step that a dropped future never takes. With the scripts loaded, one
     /// EVALSHA per node is the whole operation.
     pub(crate) async fn warm_up(&self, timeout: Duration) -> Result<(), NodeFailure> {
-        let mut conn = self.conn.clone();
+        let Backend::Redis(conn) = &self.backend else {
+            return Ok(());
+        };
+        let mut conn = conn.clone();
         let load = async {
             for script in scripts::all() {
                 script.load_async(&mut conn).await?;
@@ -135,11 +229,22 @@ impl Node {
 /// call can mix string and integer arguments.
 pub(crate) trait ToRedisArgsDyn: Sync {
     fn push_to(&self, invocation: &mut redis::ScriptInvocation<'_>);
+    /// The argument as the strings Redis would receive (for the simulated nodes).
+    #[cfg(feature = "sim")]
+    fn to_strings(&self) -> Vec<String>;
 }
 
 impl<T: ToRedisArgs + Sync> ToRedisArgsDyn for T {
     fn push_to(&self, invocation: &mut redis::ScriptInvocation<'_>) {
         invocation.arg(self);
+    }
+
+    #[cfg(feature = "sim")]
+    fn to_strings(&self) -> Vec<String> {
+        self.to_redis_args()
+            .into_iter()
+            .map(|a| String::from_utf8_lossy(&a).into_owned())
+            .collect()
     }
 }
 

@@ -44,17 +44,7 @@ impl Redlock {
         let _flag = SeedingFlag(self);
         let nodes = self.inner_nodes();
         let quorum = self.quorum();
-        let state_cmd = {
-            let mut cmd = redis::cmd("HMGET");
-            cmd.arg(scripts::NODE_KEY).arg("vote_after").arg("seeded");
-            cmd
-        };
-        let states = join_all(
-            nodes
-                .iter()
-                .map(|n| n.query::<(Option<String>, Option<String>)>(&state_cmd, SEED_TIMEOUT)),
-        )
-        .await;
+        let states = join_all(nodes.iter().map(|n| n.restart_state(SEED_TIMEOUT))).await;
         let (mut seeded, mut unseeded) = (Vec::new(), Vec::new());
         for (node, state) in nodes.iter().zip(states) {
             match state {
@@ -113,7 +103,7 @@ impl Redlock {
         args.extend(values.iter().map(|v| v as &dyn ToRedisArgsDyn));
         let mut any = false;
         for node in unseeded {
-            let seed = node.eval::<i64>(&scripts::SEED, &keys, &args);
+            let seed = node.eval(&scripts::SEED, &keys, &args);
             match tokio::time::timeout(SEED_TIMEOUT, seed).await {
                 Ok(Ok(_)) => {
                     any = true;
@@ -146,7 +136,7 @@ impl Redlock {
 /// than a quorum of them could be read. A quorum suffices: any token ever handed out was
 /// written back to a quorum, and two quorums share a node.
 async fn read_counters(seeded: &[&Node], quorum: usize) -> Option<HashMap<String, i64>> {
-    let reads = join_all(seeded.iter().map(|n| scan_counters(n))).await;
+    let reads = join_all(seeded.iter().map(|n| n.fence_counters(SEED_TIMEOUT))).await;
     let mut merged: HashMap<String, i64> = HashMap::new();
     let mut ok = 0;
     for read in reads {
@@ -162,33 +152,4 @@ async fn read_counters(seeded: &[&Node], quorum: usize) -> Option<HashMap<String
         }
     }
     (ok >= quorum).then_some(merged)
-}
-
-async fn scan_counters(node: &Node) -> Result<Vec<(String, i64)>, crate::NodeFailure> {
-    let pattern = format!("{}*", scripts::FENCE_PREFIX);
-    let mut cursor: u64 = 0;
-    let mut out = Vec::new();
-    loop {
-        let mut scan = redis::cmd("SCAN");
-        scan.arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000);
-        let (next, keys): (u64, Vec<String>) = node.query(&scan, SEED_TIMEOUT).await?;
-        if !keys.is_empty() {
-            let mut mget = redis::cmd("MGET");
-            mget.arg(&keys);
-            let values: Vec<Option<i64>> = node.query(&mget, SEED_TIMEOUT).await?;
-            out.extend(
-                keys.into_iter()
-                    .zip(values)
-                    .filter_map(|(k, v)| v.map(|v| (k, v))),
-            );
-        }
-        if next == 0 {
-            return Ok(out);
-        }
-        cursor = next;
-    }
 }

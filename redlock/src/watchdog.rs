@@ -4,7 +4,9 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::pin;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures_util::future::{Either, select};
 use tokio::sync::{oneshot, watch};
@@ -217,11 +219,11 @@ async fn watch_lock(
         // Wake for the next extension, or while failing or limited, often enough to report
         // at-risk and loss on time; a stop request wins at any point.
         let wake = if failing || limit.is_some() {
-            (Instant::now() + (ttl / 20).max(Duration::from_millis(5))).min(guard.valid_until())
+            (Instant::now() + (ttl / 20).max(Duration::from_millis(5))).min(guard.deadline())
         } else {
             next
         };
-        let sleep = pin!(tokio::time::sleep_until(wake.into()));
+        let sleep = pin!(tokio::time::sleep_until(wake));
         if let Either::Right(_) = select(sleep, &mut stop).await {
             return guard;
         }
