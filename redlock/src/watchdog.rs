@@ -397,33 +397,34 @@ impl Redlock {
             }
         };
         let guard = watched.stop().await;
+        let resource = guard.resource().to_owned();
         let released = guard.release().await;
+        let lost = |reason| Error::Lost {
+            resource: resource.clone(),
+            reason,
+        };
         match (outcome, released) {
             (Some(Ok(v)), Ok(())) => Ok(v),
             (Some(Err(e)), Ok(())) => Err(ScopedError::Work(e)),
-            (Some(result), Err(error)) => Err(ScopedError::Lost {
-                error,
-                work: result.err(),
-            }),
+            (Some(result), Err(error)) if error.kind() == ErrorKind::Lost => {
+                Err(ScopedError::Lost {
+                    error,
+                    work: result.err(),
+                })
+            }
+            // The lock held to the end; only the release could not reach every node, and
+            // what it left expires with the TTL. The work's result stands.
+            (Some(result), Err(error)) => {
+                tracing::warn!(%resource, %error, "release after scoped work failed; keys expire with their TTL");
+                result.map_err(ScopedError::Work)
+            }
             // The watchdog knows best why the lock went (a limit, or the nodes); the
             // release, which found it gone, adds nothing.
             (None, released) => Err(ScopedError::Lost {
                 error: match (health.state(), released) {
-                    (LockState::Lost(reason), _) => Error::Lost {
-                        resource: resources
-                            .first()
-                            .map(|r| (*r).to_owned())
-                            .unwrap_or_default(),
-                        reason,
-                    },
+                    (LockState::Lost(reason), _) => lost(reason),
                     (_, Err(error)) => error,
-                    (_, Ok(())) => Error::Lost {
-                        resource: resources
-                            .first()
-                            .map(|r| (*r).to_owned())
-                            .unwrap_or_default(),
-                        reason: LostReason::Expired,
-                    },
+                    (_, Ok(())) => lost(LostReason::Expired),
                 },
                 work: None,
             }),
