@@ -269,6 +269,28 @@ fn next_token(data: &mut Data, fence_keys: &[String]) -> i64 {
     token
 }
 
+/// Sets the first `n` keys to `value` for `ttl_ms`, and with fencing issues the next token:
+/// what acquire and hand-off do once they have decided to grant.
+fn grant(
+    data: &mut Data,
+    now: f64,
+    keys: &[String],
+    n: usize,
+    value: &str,
+    ttl_ms: &str,
+    fenced: bool,
+) -> i64 {
+    let expiry = now + int(ttl_ms) as f64;
+    for k in &keys[..n] {
+        data.locks.insert(k.clone(), (value.to_owned(), expiry));
+    }
+    if fenced {
+        next_token(data, &keys[n..2 * n])
+    } else {
+        1
+    }
+}
+
 /// The scripts' semantics, in the order of their `.lua` files' headers.
 fn run(
     data: &mut Data,
@@ -302,15 +324,7 @@ fn run(
         if keys[..n].iter().any(|k| live(data, k, now).is_some()) {
             return Ok(0);
         }
-        let expiry = now + int(&args[1]) as f64;
-        for k in &keys[..n] {
-            data.locks.insert(k.clone(), (args[0].clone(), expiry));
-        }
-        Ok(if fenced {
-            next_token(data, &keys[n..2 * n])
-        } else {
-            1
-        })
+        Ok(grant(data, now, keys, n, &args[0], &args[1], fenced))
     } else if hash == scripts::RELEASE.get_hash() {
         let mut deleted = 0;
         for k in keys {
@@ -342,15 +356,7 @@ fn run(
         if !keys[..n].iter().all(ours) {
             return Ok(0);
         }
-        let expiry = now + int(&args[1]) as f64;
-        for k in &keys[..n] {
-            data.locks.insert(k.clone(), (args[0].clone(), expiry));
-        }
-        Ok(if fenced {
-            next_token(data, &keys[n..2 * n])
-        } else {
-            1
-        })
+        Ok(grant(data, now, keys, n, &args[0], &args[1], fenced))
     } else if hash == scripts::FENCE.get_hash() {
         let n = keys.len() / 2;
         if keys[..n]
