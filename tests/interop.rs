@@ -45,6 +45,9 @@ async fn our_lock_makes_a_plain_set_nx_fail() {
         .await
         .unwrap();
     assert_eq!(guard.value().len(), 32, "128 bits, hex");
+    cluster
+        .wait_all_hold("interop:order:2", guard.value())
+        .await;
     for i in 0..3 {
         let mut c = cluster.conn(i).await;
         // The key is the resource name as given, no prefix.

@@ -569,7 +569,11 @@ impl Redlock {
             .collect();
         let mut expiry = pin!(tokio::time::sleep_until(deadline));
         loop {
-            match select(replies.next(), expiry.as_mut()).await {
+            // Unconstrained by tokio's cooperative budget: a command must reach its
+            // connection on the first poll, or a round decided early would drop it unsent
+            // and the node would miss it altogether (an acquisition, or a hand-off).
+            let next = tokio::task::unconstrained(select(replies.next(), expiry.as_mut()));
+            match next.await {
                 Either::Left((Some((i, reply)), _)) => {
                     answered[i] = true;
                     let node = nodes[i].addr();

@@ -220,6 +220,25 @@ impl Cluster {
         reply != redis::Value::Nil
     }
 
+    /// Waits (up to 1 s) until every node holds `key` with `value`: a lock returns at a
+    /// quorum, and the last node's SET may still be on its way.
+    pub async fn wait_all_hold(&self, key: &str, value: &str) {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            let mut n = 0;
+            for i in 0..self.nodes.len() {
+                let mut c = self.conn(i).await;
+                let v: Option<String> = c.get(key).await.unwrap();
+                n += usize::from(v.as_deref() == Some(value));
+            }
+            if n == self.nodes.len() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "only {n} nodes hold {key}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// How many nodes hold `key`.
     pub async fn holders(&self, key: &str) -> usize {
         let all: Vec<usize> = (0..self.nodes.len()).collect();
