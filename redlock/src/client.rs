@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use std::pin::pin;
 
 use futures_util::StreamExt;
-use futures_util::future::{Either, select};
+use futures_util::future::{Either, join_all, select};
 use futures_util::stream::FuturesUnordered;
 use rand::SeedableRng;
 use rand::TryRngCore;
@@ -424,7 +424,7 @@ impl Redlock {
         }
         let value: &str = &values[0];
         let previous_strs: Vec<&str> = previous.iter().map(|v| &**v).collect();
-        let (script, args): (&Script, Vec<&dyn ToRedisArgsDyn>) = if previous.is_empty() {
+        let (script, args): (&'static Script, Vec<&dyn ToRedisArgsDyn>) = if previous.is_empty() {
             script_keys.push(scripts::NODE_KEY.to_owned());
             (
                 &scripts::ACQUIRE,
@@ -525,7 +525,7 @@ impl Redlock {
         };
         // Release everywhere now, not after the last retry (node-redlock PR #369): our
         // partial keys would otherwise block our own next round.
-        self.release_all(keys, &values).await;
+        self.release_all(keys, &values, false).await;
         cleanup.armed = false;
         Err((error, unseeded))
     }
@@ -545,7 +545,7 @@ impl Redlock {
     pub(crate) async fn broadcast(
         &self,
         operation: &'static str,
-        script: &Script,
+        script: &'static Script,
         keys: &[String],
         args: &[&dyn ToRedisArgsDyn],
         deadline: Instant,
@@ -565,15 +565,14 @@ impl Redlock {
         let mut replies: FuturesUnordered<_> = nodes
             .iter()
             .enumerate()
-            .map(|(i, node)| async move { (i, node.eval(script, keys, args).await) })
+            .map(|(i, node)| {
+                let call = node.eval(script, keys, args);
+                async move { (i, call.await) }
+            })
             .collect();
         let mut expiry = pin!(tokio::time::sleep_until(deadline));
         loop {
-            // Unconstrained by tokio's cooperative budget: a command must reach its
-            // connection on the first poll, or a round decided early would drop it unsent
-            // and the node would miss it altogether (an acquisition, or a hand-off).
-            let next = tokio::task::unconstrained(select(replies.next(), expiry.as_mut()));
-            match next.await {
+            match select(replies.next(), expiry.as_mut()).await {
                 Either::Left((Some((i, reply)), _)) => {
                     answered[i] = true;
                     let node = nodes[i].addr();
@@ -617,6 +616,18 @@ impl Redlock {
                         "node reply"
                     );
                     if until_decided && out.tally.decision() != Decision::Pending {
+                        // Let the other nodes' calls finish in the background (until the
+                        // deadline): dropped, a call still queued in redis-rs would be
+                        // skipped, and that node would miss the command.
+                        if !replies.is_empty()
+                            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+                        {
+                            let rest = std::mem::take(&mut replies);
+                            runtime.spawn(tokio::time::timeout_at(deadline, async move {
+                                let mut rest = rest;
+                                while rest.next().await.is_some() {}
+                            }));
+                        }
                         break;
                     }
                 }
@@ -636,12 +647,20 @@ impl Redlock {
         out
     }
 
-    /// Compare-and-delete on every node, in parallel, bounded by the node timeout.
+    /// Compare-and-delete on every node, in parallel, bounded by the node timeout. With
+    /// `retry_broken`, nodes whose connection broke get one more try (the guard's release,
+    /// and the background release of a dropped guard); cleanup after a failed round skips
+    /// that, since its SET cannot have reached a node whose connection was down.
     ///
     /// Waits for every node rather than a quorum: a command handed to a connection is not
     /// yet written to its socket, and a process that exits right after `release` (a CLI,
     /// a short job) would otherwise leave keys behind until their TTL.
-    pub(crate) async fn release_all(&self, keys: &[String], values: &[Arc<str>]) -> ReleaseOutcome {
+    pub(crate) async fn release_all(
+        &self,
+        keys: &[String],
+        values: &[Arc<str>],
+        retry_broken: bool,
+    ) -> ReleaseOutcome {
         let values: Vec<&str> = values.iter().map(|v| &**v).collect();
         let args: Vec<&dyn ToRedisArgsDyn> =
             values.iter().map(|v| v as &dyn ToRedisArgsDyn).collect();
@@ -653,13 +672,25 @@ impl Redlock {
             deleted: replies.tally.ok,
             failures: replies.failures,
         };
+        if !retry_broken || replies.broken.is_empty() {
+            return outcome;
+        }
         // A node that restarted (or whose connection dropped) is reconnected on demand:
-        // one more try there, rather than leaving our key behind until its TTL. A node with
-        // AOF keeps our key across its restart.
-        for i in replies.broken {
+        // one more try there, in parallel, rather than leaving our key behind until its TTL
+        // (a node with AOF keeps our key across its restart).
+        let retries = join_all(replies.broken.iter().map(|&i| {
             let node = &self.inner.nodes[i];
-            let retry = node.eval(&scripts::RELEASE, keys, &args);
-            if let Ok(Ok(n)) = tokio::time::timeout(self.inner.node_timeout, retry).await {
+            let call = node.eval(&scripts::RELEASE, keys, &args);
+            async move {
+                (
+                    node,
+                    tokio::time::timeout(self.inner.node_timeout, call).await,
+                )
+            }
+        }))
+        .await;
+        for (node, retry) in retries {
+            if let Ok(Ok(n)) = retry {
                 outcome.failures.retain(|f| f.node() != node.addr());
                 outcome.deleted += usize::from(n > 0);
             }
@@ -701,7 +732,7 @@ impl Redlock {
             Ok(handle) => {
                 let client = self.clone();
                 handle.spawn(async move {
-                    let outcome = client.release_all(&keys, &values).await;
+                    let outcome = client.release_all(&keys, &values, true).await;
                     if !outcome.failures.is_empty() {
                         tracing::warn!(resource = %keys[0], failed = outcome.failures.len(), "background release could not reach every node; those keys expire with their TTL");
                     }

@@ -204,7 +204,7 @@ impl LockGuard {
         let span = tracing::info_span!("fencelock.release", resource = %self.keys[0], deleted = tracing::field::Empty);
         let outcome = self
             .client
-            .release_all(&self.keys, &self.values)
+            .release_all(&self.keys, &self.values, true)
             .instrument(span.clone())
             .await;
         span.record("deleted", outcome.deleted);

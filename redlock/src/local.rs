@@ -99,7 +99,7 @@ impl LocalTurn {
         }
         for (key, baton) in batons {
             // If this future is dropped here, the remaining batons' keys expire with their TTL.
-            self.client.release_all(&[key], &baton.values).await;
+            self.client.release_all(&[key], &baton.values, true).await;
         }
         None
     }

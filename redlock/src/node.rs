@@ -1,6 +1,7 @@
 //! One Redis node: a self-reconnecting, multiplexed connection with a per-command timeout.
 
 use std::fmt;
+use std::future::Future;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -14,8 +15,20 @@ use crate::scripts;
 #[derive(Clone)]
 pub(crate) struct Node {
     /// `host:port` for logs and errors; never contains credentials.
-    addr: String,
+    addr: std::sync::Arc<str>,
     backend: Backend,
+}
+
+/// One prepared call, owning what it needs.
+enum Call {
+    Redis(redis::ScriptInvocation<'static>, ConnectionManager),
+    #[cfg(feature = "sim")]
+    Sim(
+        std::sync::Arc<crate::sim::SimNode>,
+        &'static Script,
+        Vec<String>,
+        Vec<String>,
+    ),
 }
 
 #[derive(Clone)]
@@ -47,8 +60,8 @@ impl Node {
         let client = redis::Client::open(url)
             .map_err(|e| Error::config(field, format!("cannot use `{}`: {e}", redact(url))))?;
         let info = client.get_connection_info();
-        let addr = info.addr().to_string();
-        let identity = (addr.clone(), info.redis_settings().db());
+        let addr: std::sync::Arc<str> = info.addr().to_string().into();
+        let identity = (addr.to_string(), info.redis_settings().db());
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(connect_timeout))
             // Every round carries its own deadline; a second timer per command would only
@@ -72,7 +85,7 @@ impl Node {
     #[cfg(feature = "sim")]
     pub(crate) fn simulated(node: std::sync::Arc<crate::sim::SimNode>) -> Node {
         Node {
-            addr: node.name().to_owned(),
+            addr: node.name().into(),
             backend: Backend::Sim(node),
         }
     }
@@ -83,41 +96,50 @@ impl Node {
 
     /// Runs `script` with `keys` and `args`; every script returns an integer. The caller
     /// bounds the time it may take.
-    pub(crate) async fn eval(
+    ///
+    /// The command is built before the returned future first runs, and the future owns
+    /// everything it needs, so a round can hand the replies it no longer waits for to a
+    /// background task. That matters: redis-rs skips a queued command whose caller has
+    /// gone, so dropping an unanswered call could cancel it on one node only.
+    pub(crate) fn eval(
         &self,
-        script: &Script,
+        script: &'static Script,
         keys: &[String],
         args: &[&dyn ToRedisArgsDyn],
-    ) -> Result<i64, NodeFailure> {
-        let conn = match &self.backend {
-            Backend::Redis(conn) => conn,
-            #[cfg(feature = "sim")]
-            Backend::Sim(node) => {
-                let args: Vec<String> = args.iter().flat_map(|a| a.to_strings()).collect();
-                return node
-                    .eval(script, keys, &args)
-                    .await
-                    .map_err(|error| NodeFailure::Redis {
-                        node: self.addr.clone(),
-                        error,
-                    });
+    ) -> impl Future<Output = Result<i64, NodeFailure>> + Send + 'static {
+        let node = self.addr.clone();
+        let call = match &self.backend {
+            Backend::Redis(conn) => {
+                let mut invocation = script.prepare_invoke();
+                for key in keys {
+                    invocation.key(key);
+                }
+                for arg in args {
+                    arg.push_to(&mut invocation);
+                }
+                Call::Redis(invocation, conn.clone())
             }
+            #[cfg(feature = "sim")]
+            Backend::Sim(sim) => Call::Sim(
+                sim.clone(),
+                script,
+                keys.to_vec(),
+                args.iter().flat_map(|a| a.to_strings()).collect(),
+            ),
         };
-        let mut invocation = script.prepare_invoke();
-        for key in keys {
-            invocation.key(key);
-        }
-        for arg in args {
-            arg.push_to(&mut invocation);
-        }
-        let mut conn = conn.clone();
-        invocation
-            .invoke_async::<i64>(&mut conn)
-            .await
-            .map_err(|error| NodeFailure::Redis {
-                node: self.addr.clone(),
+        async move {
+            let result = match call {
+                Call::Redis(invocation, mut conn) => {
+                    invocation.invoke_async::<i64>(&mut conn).await
+                }
+                #[cfg(feature = "sim")]
+                Call::Sim(sim, script, keys, args) => sim.eval(script, &keys, &args).await,
+            };
+            result.map_err(|error| NodeFailure::Redis {
+                node: node.to_string(),
                 error,
             })
+        }
     }
 
     /// The node's restart state: `(vote_after, seeded)`, each absent on an empty node.
@@ -184,11 +206,11 @@ impl Node {
         match tokio::time::timeout(timeout, cmd.query_async::<T>(&mut conn)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(error)) => Err(NodeFailure::Redis {
-                node: self.addr.clone(),
+                node: self.addr.to_string(),
                 error,
             }),
             Err(_) => Err(NodeFailure::Timeout {
-                node: self.addr.clone(),
+                node: self.addr.to_string(),
                 after: timeout,
             }),
         }
@@ -214,11 +236,11 @@ impl Node {
         match tokio::time::timeout(timeout, load).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => Err(NodeFailure::Redis {
-                node: self.addr.clone(),
+                node: self.addr.to_string(),
                 error,
             }),
             Err(_) => Err(NodeFailure::Timeout {
-                node: self.addr.clone(),
+                node: self.addr.to_string(),
                 after: timeout,
             }),
         }

@@ -234,7 +234,13 @@ impl Cluster {
             if n == self.nodes.len() {
                 return;
             }
-            assert!(Instant::now() < deadline, "only {n} nodes hold {key}");
+            if Instant::now() >= deadline {
+                let mut seen = Vec::new();
+                for i in 0..self.nodes.len() {
+                    seen.push(format!("node {i}: {:?}", self.all_keys(i).await));
+                }
+                panic!("only {n} nodes hold {key}: {seen:?}");
+            }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
