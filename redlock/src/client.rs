@@ -1,7 +1,7 @@
 //! The shared client: the nodes, the settings and the in-process wait queues.
 
 use std::fmt;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -110,17 +110,41 @@ struct PendingCleanup<'a> {
     keys: &'a Arc<[String]>,
     /// This round's value, then those of the hand-off chain it started from.
     values: &'a [Arc<str>],
+    over: &'a Arc<AtomicBool>,
     armed: bool,
 }
 
 impl Drop for PendingCleanup<'_> {
     fn drop(&mut self) {
         if self.armed {
+            self.over.store(true, Ordering::SeqCst);
             self.client
                 .spawn_release(self.keys.clone(), self.values.to_vec(), None);
         }
     }
 }
+
+/// For an acquire round: whose keys a grant that arrives after the round belongs to, and
+/// whether that acquisition is already over (released, handed on, or failed), in which
+/// case the late grant is released on its node at once.
+#[derive(Clone)]
+pub(crate) struct LateGrants {
+    pub(crate) over: Arc<AtomicBool>,
+    pub(crate) keys: Arc<[String]>,
+    pub(crate) values: Vec<Arc<str>>,
+}
+
+/// When a round stops waiting for replies (before its deadline).
+pub(crate) enum Until {
+    /// When every node has answered: cleanup should reach every node.
+    AllReplied,
+    /// As soon as the quorum is certain, one way or the other; with what to do about a
+    /// grant that arrives later.
+    Decided(Option<LateGrants>),
+}
+
+/// How long calls a round no longer waits for may still finish in the background.
+const STRAGGLER_GRACE: Duration = Duration::from_secs(30);
 
 /// The replies of one round.
 #[derive(Debug)]
@@ -151,6 +175,8 @@ pub(crate) struct Granted {
     pub(crate) valid_until: Instant,
     /// With fencing, the token of this acquisition.
     pub(crate) token: Option<u64>,
+    /// Set when the acquisition is over, so that late grants are taken back.
+    pub(crate) over: Arc<AtomicBool>,
 }
 
 impl Redlock {
@@ -411,10 +437,12 @@ impl Redlock {
         let ttl_ms = ttl.as_millis() as u64;
         let quarantine_ms = self.inner.quarantine.as_millis() as u64;
         let fenced_arg = u8::from(fenced);
+        let over = Arc::new(AtomicBool::new(false));
         let mut cleanup = PendingCleanup {
             client: self,
             keys,
             values: &values,
+            over: &over,
             armed: true,
         };
         // Lock keys, then with fencing their counters, then for ACQUIRE the node key.
@@ -441,7 +469,18 @@ impl Redlock {
         // late is removed by the release below or by the guard's release, which go to every
         // node and wait for all of them.
         let replies = self
-            .broadcast("acquire", script, &script_keys, &args, deadline, true)
+            .broadcast(
+                "acquire",
+                script,
+                &script_keys,
+                &args,
+                deadline,
+                Until::Decided(Some(LateGrants {
+                    over: over.clone(),
+                    keys: keys.clone(),
+                    values: values.clone(),
+                })),
+            )
             .await;
         let tally = replies.tally;
         let unseeded = replies.unseeded > 0;
@@ -464,7 +503,7 @@ impl Redlock {
                     fence_keys,
                     &[&value, &token],
                     self.round_deadline(Instant::now(), valid_until),
-                    true,
+                    Until::Decided(None),
                 )
                 .await;
             if write_back.tally.decision() != Decision::Reached {
@@ -501,6 +540,7 @@ impl Redlock {
                     values: values.clone(),
                     valid_until,
                     token: fenced.then_some(replies.highest as u64),
+                    over: over.clone(),
                 });
             }
             Decision::Reached => Error::ExpiredDuringAcquire {
@@ -525,6 +565,7 @@ impl Redlock {
         };
         // Release everywhere now, not after the last retry (node-redlock PR #369): our
         // partial keys would otherwise block our own next round.
+        over.store(true, Ordering::SeqCst);
         self.release_all(keys, &values, false).await;
         cleanup.armed = false;
         Err((error, unseeded))
@@ -549,8 +590,12 @@ impl Redlock {
         keys: &[String],
         args: &[&dyn ToRedisArgsDyn],
         deadline: Instant,
-        until_decided: bool,
+        until: Until,
     ) -> Replies {
+        let (until_decided, late) = match until {
+            Until::AllReplied => (false, None),
+            Until::Decided(late) => (true, late),
+        };
         let start = Instant::now();
         let nodes = &self.inner.nodes;
         let mut out = Replies {
@@ -572,7 +617,12 @@ impl Redlock {
             .collect();
         let mut expiry = pin!(tokio::time::sleep_until(deadline));
         loop {
-            match select(replies.next(), expiry.as_mut()).await {
+            // Unconstrained by tokio's cooperative budget, so that every call reaches its
+            // connection's queue on the first poll: a call held back by the budget and sent
+            // later, from the background drain below, could land after this client's next
+            // command to that node (a release overtaken by its own acquisition).
+            let next = tokio::task::unconstrained(select(replies.next(), expiry.as_mut()));
+            match next.await {
                 Either::Left((Some((i, reply)), _)) => {
                     answered[i] = true;
                     let node = nodes[i].addr();
@@ -616,18 +666,6 @@ impl Redlock {
                         "node reply"
                     );
                     if until_decided && out.tally.decision() != Decision::Pending {
-                        // Let the other nodes' calls finish in the background (until the
-                        // deadline): dropped, a call still queued in redis-rs would be
-                        // skipped, and that node would miss the command.
-                        if !replies.is_empty()
-                            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-                        {
-                            let rest = std::mem::take(&mut replies);
-                            runtime.spawn(tokio::time::timeout_at(deadline, async move {
-                                let mut rest = rest;
-                                while rest.next().await.is_some() {}
-                            }));
-                        }
                         break;
                     }
                 }
@@ -643,6 +681,34 @@ impl Redlock {
                     break;
                 }
             }
+        }
+        // Let the calls still unanswered finish in the background rather than drop them:
+        // redis-rs skips a queued command whose caller has gone, so a dropped call could
+        // vanish on one node while the next command to it (our own release) goes through,
+        // and a late SET would then outlive its release. Kept alive, each call keeps its
+        // place in the connection's order, and a stalled node's calls end with the grace.
+        if !replies.is_empty()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let client = self.clone();
+            runtime.spawn(tokio::time::timeout_at(
+                deadline + STRAGGLER_GRACE,
+                async move {
+                    while let Some((i, reply)) = replies.next().await {
+                        if let (Some(late), Ok(granted)) = (&late, reply)
+                            && granted > 0
+                            && late.over.load(Ordering::SeqCst)
+                        {
+                            // Granted after the acquisition was over: take it back.
+                            let values: Vec<&str> = late.values.iter().map(|v| &**v).collect();
+                            let args: Vec<&dyn ToRedisArgsDyn> =
+                                values.iter().map(|v| v as &dyn ToRedisArgsDyn).collect();
+                            let node = &client.inner.nodes[i];
+                            let _ = node.eval(&scripts::RELEASE, &late.keys, &args).await;
+                        }
+                    }
+                },
+            ));
         }
         out
     }
@@ -666,7 +732,14 @@ impl Redlock {
             values.iter().map(|v| v as &dyn ToRedisArgsDyn).collect();
         let deadline = Instant::now() + self.inner.node_timeout;
         let replies = self
-            .broadcast("release", &scripts::RELEASE, keys, &args, deadline, false)
+            .broadcast(
+                "release",
+                &scripts::RELEASE,
+                keys,
+                &args,
+                deadline,
+                Until::AllReplied,
+            )
             .await;
         let mut outcome = ReleaseOutcome {
             deleted: replies.tally.ok,
@@ -715,7 +788,7 @@ impl Redlock {
             keys,
             &[&value, &ttl_ms],
             deadline,
-            true,
+            Until::Decided(None),
         )
         .await
     }

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -32,6 +33,9 @@ pub struct LockGuard {
     ttl: Duration,
     valid_until: Instant,
     token: Option<u64>,
+    /// Set once this acquisition is over (released, dropped, handed on), so that a grant
+    /// from a slow node arriving later is taken back.
+    over: Arc<AtomicBool>,
     /// `None` once released or abandoned: Drop then does nothing.
     turn: Option<LocalTurn>,
 }
@@ -61,6 +65,7 @@ impl LockGuard {
             ttl,
             valid_until: granted.valid_until,
             token: granted.token,
+            over: granted.over,
             turn: Some(turn),
         }
     }
@@ -197,6 +202,7 @@ impl LockGuard {
     /// the rest expire with the TTL.
     pub async fn release(mut self) -> Result<(), Error> {
         let mut turn = self.turn.take();
+        self.over.store(true, Ordering::SeqCst);
         let expired = !self.is_valid();
         if !expired && self.hand_off(&mut turn) {
             return Ok(());
@@ -247,6 +253,9 @@ impl LockGuard {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
+        if self.turn.is_some() {
+            self.over.store(true, Ordering::SeqCst);
+        }
         let mut turn = self.turn.take();
         if self.is_valid() && self.hand_off(&mut turn) {
             return;

@@ -21,7 +21,8 @@ pub(crate) struct Node {
 
 /// One prepared call, owning what it needs.
 enum Call {
-    Redis(redis::ScriptInvocation<'static>, ConnectionManager),
+    /// The EVALSHA, the connection, and whether the script can grant a lock.
+    Redis(redis::Cmd, ConnectionManager, bool),
     #[cfg(feature = "sim")]
     Sim(
         std::sync::Arc<crate::sim::SimNode>,
@@ -90,6 +91,14 @@ impl Node {
         }
     }
 
+    fn redis_conn(&self) -> Option<&ConnectionManager> {
+        match &self.backend {
+            Backend::Redis(conn) => Some(conn),
+            #[cfg(feature = "sim")]
+            Backend::Sim(_) => None,
+        }
+    }
+
     pub(crate) fn addr(&self) -> &str {
         &self.addr
     }
@@ -101,6 +110,12 @@ impl Node {
     /// everything it needs, so a round can hand the replies it no longer waits for to a
     /// background task. That matters: redis-rs skips a queued command whose caller has
     /// gone, so dropping an unanswered call could cancel it on one node only.
+    ///
+    /// A call that can grant a lock is exactly one EVALSHA. On NOSCRIPT (a node that
+    /// restarted and lost its script cache) it fails and the scripts are reloaded in the
+    /// background, rather than loaded and retried inline, where the retry could land after
+    /// this client's next command to the node (a SET after its own release). The other
+    /// scripts only act on what is ours; they load and retry inline.
     pub(crate) fn eval(
         &self,
         script: &'static Script,
@@ -110,14 +125,15 @@ impl Node {
         let node = self.addr.clone();
         let call = match &self.backend {
             Backend::Redis(conn) => {
-                let mut invocation = script.prepare_invoke();
-                for key in keys {
-                    invocation.key(key);
-                }
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(script.get_hash()).arg(keys.len()).arg(keys);
                 for arg in args {
-                    arg.push_to(&mut invocation);
+                    arg.push_to(&mut cmd);
                 }
-                Call::Redis(invocation, conn.clone())
+                // Scripts that can grant a lock must never run late; see above.
+                let grants = script.get_hash() == scripts::ACQUIRE.get_hash()
+                    || script.get_hash() == scripts::HANDOFF.get_hash();
+                Call::Redis(cmd, conn.clone(), grants)
             }
             #[cfg(feature = "sim")]
             Backend::Sim(sim) => Call::Sim(
@@ -129,8 +145,29 @@ impl Node {
         };
         async move {
             let result = match call {
-                Call::Redis(invocation, mut conn) => {
-                    invocation.invoke_async::<i64>(&mut conn).await
+                Call::Redis(cmd, mut conn, grants) => {
+                    let result = cmd.query_async::<i64>(&mut conn).await;
+                    match &result {
+                        Err(e)
+                            if e.kind()
+                                == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                        {
+                            if grants {
+                                // The node lost its script cache (a restart). No second
+                                // attempt: it could land after this client's next command
+                                // to the node. This call fails; the next one finds the
+                                // scripts loaded.
+                                tokio::spawn(load_scripts(conn));
+                                result
+                            } else {
+                                // Releasing, extending and raising counters only ever act
+                                // on what is ours, so a late second attempt is harmless.
+                                load_scripts(conn.clone()).await;
+                                cmd.query_async::<i64>(&mut conn).await
+                            }
+                        }
+                        _ => result,
+                    }
                 }
                 #[cfg(feature = "sim")]
                 Call::Sim(sim, script, keys, args) => sim.eval(script, &keys, &args).await,
@@ -199,10 +236,10 @@ impl Node {
         cmd: &redis::Cmd,
         timeout: Duration,
     ) -> Result<T, NodeFailure> {
-        let Backend::Redis(conn) = &self.backend else {
-            unreachable!("plain commands go to Redis nodes only");
-        };
-        let mut conn = conn.clone();
+        let mut conn = self
+            .redis_conn()
+            .expect("plain commands go to Redis nodes only")
+            .clone();
         match tokio::time::timeout(timeout, cmd.query_async::<T>(&mut conn)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(error)) => Err(NodeFailure::Redis {
@@ -223,7 +260,7 @@ impl Node {
     /// need a second step that a dropped future never takes. With the scripts loaded, one
     /// EVALSHA per node is the whole operation.
     pub(crate) async fn warm_up(&self, timeout: Duration) -> Result<(), NodeFailure> {
-        let Backend::Redis(conn) = &self.backend else {
+        let Some(conn) = self.redis_conn() else {
             return Ok(());
         };
         let mut conn = conn.clone();
@@ -247,18 +284,28 @@ impl Node {
     }
 }
 
+/// Loads every script on a node's connection (after a NOSCRIPT), best effort.
+async fn load_scripts(mut conn: ConnectionManager) {
+    for script in scripts::all() {
+        if let Err(e) = script.load_async(&mut conn).await {
+            tracing::warn!(error = %e, "could not load the lock scripts on a node");
+            return;
+        }
+    }
+}
+
 /// An argument of a script invocation: an object-safe bridge to [`ToRedisArgs`], so one
 /// call can mix string and integer arguments.
 pub(crate) trait ToRedisArgsDyn: Sync {
-    fn push_to(&self, invocation: &mut redis::ScriptInvocation<'_>);
+    fn push_to(&self, cmd: &mut redis::Cmd);
     /// The argument as the strings Redis would receive (for the simulated nodes).
     #[cfg(feature = "sim")]
     fn to_strings(&self) -> Vec<String>;
 }
 
 impl<T: ToRedisArgs + Sync> ToRedisArgsDyn for T {
-    fn push_to(&self, invocation: &mut redis::ScriptInvocation<'_>) {
-        invocation.arg(self);
+    fn push_to(&self, cmd: &mut redis::Cmd) {
+        cmd.arg(self);
     }
 
     #[cfg(feature = "sim")]

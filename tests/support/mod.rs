@@ -8,6 +8,8 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::net::TcpListener;
+
+use rand::SeedableRng;
 use std::time::{Duration, Instant};
 
 use fencelock::Redlock;
@@ -36,15 +38,33 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
 }
 
+/// A port that is free now, below the kernel's ephemeral range (32768 and up), so that
+/// outgoing connections do not take it before the node binds it.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .unwrap()
-        .port()
+    use rand::Rng;
+    let mut rng = rand::rngs::SmallRng::from_os_rng();
+    loop {
+        let port = rng.random_range(20_000..32_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 async fn start_node(aof: bool) -> Node {
+    // Another process may still take the port between our check and the node's bind;
+    // then the container exits at once, and another port is tried.
+    let mut last_error = None;
+    for _ in 0..5 {
+        match try_start_node(aof).await {
+            Ok(node) => return node,
+            Err(e) => last_error = Some(e),
+        }
+    }
+    panic!("start a redis:7.0 container (run scripts/redis-image.sh first): {last_error:?}");
+}
+
+async fn try_start_node(aof: bool) -> Result<Node, testcontainers::TestcontainersError> {
     let port = free_port();
     let port_arg = port.to_string();
     // Host networking: the node listens on 127.0.0.1:<port> itself, with no docker-proxy
@@ -70,11 +90,8 @@ async fn start_node(aof: bool) -> Node {
         .with_network("host")
         .with_label("fencelock-test", "node")
         .with_startup_timeout(Duration::from_secs(60));
-    let container = image
-        .start()
-        .await
-        .expect("start a redis:7.0 container (run scripts/redis-image.sh first)");
-    Node { container, port }
+    let container = image.start().await?;
+    Ok(Node { container, port })
 }
 
 impl Cluster {

@@ -1,0 +1,325 @@
+//! The job queue: a Redis Stream with a consumer group, a delayed set for retries, and a
+//! dead-letter stream.
+//!
+//! Delivery is at least once: `XREADGROUP` hands an entry to one consumer, `XACK` retires
+//! it after the job is done, and `XAUTOCLAIM` hands entries idle longer than the visibility
+//! timeout (their consumer died or stalled) to another. Retrying and dead-lettering are
+//! scripts that write the job's next home and acknowledge the entry in one step.
+
+use std::fmt;
+use std::sync::LazyLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use redis::aio::ConnectionManager;
+use redis::streams::{
+    StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply,
+};
+use redis::{AsyncCommands, Script};
+
+use crate::job::{self, Job, Malformed, NewJob};
+
+static DEAD_LETTER: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/dead_letter.lua")));
+static RETRY_LATER: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/retry_later.lua")));
+static PROMOTE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/promote.lua")));
+
+/// A queue failure: the queue's Redis did not do what was asked.
+#[derive(Debug)]
+pub struct QueueError {
+    operation: &'static str,
+    source: redis::RedisError,
+}
+
+impl QueueError {
+    fn on(operation: &'static str) -> impl FnOnce(redis::RedisError) -> QueueError {
+        move |source| QueueError { operation, source }
+    }
+
+    /// Whether retrying may help (connection trouble, as opposed to a wrong command).
+    pub fn is_retryable(&self) -> bool {
+        self.source.is_io_error() || self.source.is_connection_dropped() || self.source.is_timeout()
+    }
+}
+
+impl fmt::Display for QueueError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "queue {} failed", self.operation)
+    }
+}
+
+impl std::error::Error for QueueError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// One delivered entry: a job, or the reason it is not one.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The stream entry id, for ack, retry and dead-letter.
+    pub entry_id: String,
+    /// The entry's raw `job` field, kept for the dead-letter stream.
+    pub raw: String,
+    /// The parsed job.
+    pub job: Result<Job, Malformed>,
+}
+
+/// A queue on one Redis, shared by every worker of a process (cheap to clone).
+#[derive(Clone)]
+pub struct Queue {
+    conn: ConnectionManager,
+    stream: String,
+    delayed: String,
+    dead: String,
+    group: String,
+    consumer: String,
+}
+
+impl fmt::Debug for Queue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Queue")
+            .field("stream", &self.stream)
+            .field("group", &self.group)
+            .field("consumer", &self.consumer)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Queue {
+    /// Connects to the queue `name` on the Redis at `url` as `consumer` (unique per
+    /// process), creating the stream and the consumer group if they do not exist.
+    ///
+    /// Keys: `{name}:jobs` (stream), `{name}:delayed` (sorted set), `{name}:dead` (stream);
+    /// the group is `{name}-workers`.
+    ///
+    /// # Errors
+    ///
+    /// When the Redis cannot be reached or refuses to create the group.
+    pub async fn connect(url: &str, name: &str, consumer: &str) -> Result<Queue, QueueError> {
+        let client = redis::Client::open(url).map_err(QueueError::on("connect"))?;
+        let mut conn = ConnectionManager::new(client)
+            .await
+            .map_err(QueueError::on("connect"))?;
+        let stream = format!("{name}:jobs");
+        let group = format!("{name}-workers");
+        let created: Result<(), _> = conn.xgroup_create_mkstream(&stream, &group, "0").await;
+        if let Err(e) = created
+            && e.code() != Some("BUSYGROUP")
+        {
+            return Err(QueueError::on("create group")(e));
+        }
+        Ok(Queue {
+            conn,
+            delayed: format!("{name}:delayed"),
+            dead: format!("{name}:dead"),
+            stream,
+            group,
+            consumer: consumer.to_owned(),
+        })
+    }
+
+    /// Adds a job; returns its id.
+    ///
+    /// # Errors
+    ///
+    /// When the queue's Redis fails.
+    pub async fn enqueue(&self, new: &NewJob) -> Result<String, QueueError> {
+        let job = Job {
+            id: format!("{:032x}", SmallRng::from_os_rng().random::<u128>()),
+            kind: new.kind.clone(),
+            resource: new.resource.clone(),
+            payload: new.payload.clone(),
+            attempt: 0,
+            enqueued_at_ms: now_ms(),
+        };
+        let raw = serde_json::to_string(&job).expect("a job serializes");
+        let mut conn = self.conn.clone();
+        let _: String = conn
+            .xadd(&self.stream, "*", &[("job", raw)])
+            .await
+            .map_err(QueueError::on("enqueue"))?;
+        Ok(job.id)
+    }
+
+    /// Waits up to `block` for new entries for this consumer, at most `count`.
+    ///
+    /// # Errors
+    ///
+    /// When the queue's Redis fails.
+    pub async fn fetch(&self, count: usize, block: Duration) -> Result<Vec<Delivery>, QueueError> {
+        let options = StreamReadOptions::default()
+            .group(&self.group, &self.consumer)
+            .count(count)
+            .block(block.as_millis() as usize);
+        let mut conn = self.conn.clone();
+        let reply: Option<StreamReadReply> = conn
+            .xread_options(&[&self.stream], &[">"], &options)
+            .await
+            .map_err(QueueError::on("fetch"))?;
+        Ok(reply
+            .into_iter()
+            .flat_map(|r| r.keys)
+            .flat_map(|k| k.ids)
+            .map(delivery)
+            .collect())
+    }
+
+    /// Takes over entries that have been pending longer than `visibility` (their consumer
+    /// crashed or stalled), at most `count`.
+    ///
+    /// # Errors
+    ///
+    /// When the queue's Redis fails.
+    pub async fn reclaim(
+        &self,
+        visibility: Duration,
+        count: usize,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        let mut conn = self.conn.clone();
+        let reply: StreamAutoClaimReply = conn
+            .xautoclaim_options(
+                &self.stream,
+                &self.group,
+                &self.consumer,
+                visibility.as_millis() as u64,
+                "0-0",
+                StreamAutoClaimOptions::default().count(count),
+            )
+            .await
+            .map_err(QueueError::on("reclaim"))?;
+        Ok(reply.claimed.into_iter().map(delivery).collect())
+    }
+
+    /// Retires a done entry.
+    ///
+    /// # Errors
+    ///
+    /// When the queue's Redis fails; the entry then stays pending and is reclaimed later.
+    pub async fn ack(&self, entry_id: &str) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let _: u64 = conn
+            .xack(&self.stream, &self.group, &[entry_id])
+            .await
+            .map_err(QueueError::on("ack"))?;
+        Ok(())
+    }
+
+    /// Schedules `job` to run again after `delay` and retires the entry, in one step.
+    ///
+    /// # Errors
+    ///
+    /// When the queue's Redis fails; the entry then stays pending and is reclaimed later.
+    pub async fn retry_later(
+        &self,
+        entry_id: &str,
+        job: &Job,
+        delay: Duration,
+    ) -> Result<(), QueueError> {
+        let raw = serde_json::to_string(job).expect("a job serializes");
+        let due = now_ms() + delay.as_millis() as u64;
+        let mut conn = self.conn.clone();
+        let _: i64 = RETRY_LATER
+            .key(&self.stream)
+            .key(&self.delayed)
+            .arg(&self.group)
+            .arg(entry_id)
+            .arg(raw)
+            .arg(due)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(QueueError::on("retry"))?;
+        Ok(())
+    }
+
+    /// Writes the entry to the dead-letter stream with `reason`, then retires it.
+    ///
+    /// # Errors
+    ///
+    /// When the queue's Redis fails; the entry then stays pending and is reclaimed later.
+    pub async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let _: String = DEAD_LETTER
+            .key(&self.stream)
+            .key(&self.dead)
+            .arg(&self.group)
+            .arg(&delivery.entry_id)
+            .arg(&delivery.raw)
+            .arg(reason)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(QueueError::on("dead-letter"))?;
+        Ok(())
+    }
+
+    /// Moves delayed jobs that are due into the stream; returns how many.
+    ///
+    /// # Errors
+    ///
+    /// When the queue's Redis fails.
+    pub async fn promote_due(&self, max: usize) -> Result<usize, QueueError> {
+        let mut conn = self.conn.clone();
+        PROMOTE
+            .key(&self.stream)
+            .key(&self.delayed)
+            .arg(now_ms())
+            .arg(max)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(QueueError::on("promote"))
+    }
+
+    /// Entries delivered and not yet acknowledged, across all consumers.
+    ///
+    /// # Errors
+    ///
+    /// When the queue's Redis fails.
+    pub async fn pending(&self) -> Result<u64, QueueError> {
+        let mut conn = self.conn.clone();
+        let reply: redis::streams::StreamPendingReply = conn
+            .xpending(&self.stream, &self.group)
+            .await
+            .map_err(QueueError::on("pending"))?;
+        Ok(reply.count() as u64)
+    }
+
+    /// Jobs waiting in the delayed set.
+    ///
+    /// # Errors
+    ///
+    /// When the queue's Redis fails.
+    pub async fn delayed(&self) -> Result<u64, QueueError> {
+        let mut conn = self.conn.clone();
+        conn.zcard(&self.delayed)
+            .await
+            .map_err(QueueError::on("delayed"))
+    }
+
+    /// Entries in the dead-letter stream.
+    ///
+    /// # Errors
+    ///
+    /// When the queue's Redis fails.
+    pub async fn dead(&self) -> Result<u64, QueueError> {
+        let mut conn = self.conn.clone();
+        conn.xlen(&self.dead).await.map_err(QueueError::on("dead"))
+    }
+}
+
+fn delivery(entry: StreamId) -> Delivery {
+    let raw: Option<String> = entry.get("job");
+    Delivery {
+        job: job::parse(raw.as_deref()),
+        raw: raw.unwrap_or_default(),
+        entry_id: entry.id,
+    }
+}
