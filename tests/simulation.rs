@@ -20,7 +20,7 @@ const NODES: usize = 5;
 const TTL: Duration = Duration::from_millis(200);
 /// At least the TTL, as the docs require.
 const QUARANTINE: Duration = Duration::from_millis(300);
-const SIMULATED: Duration = Duration::from_secs(2);
+const SIMULATED: Duration = Duration::from_millis(1_500);
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Holding {
