@@ -1,13 +1,67 @@
 //! A lock-guarded job runner built on [`fencelock`].
 //!
-//! Work in progress. What exists: the [`job`] model and the [`queue`] on a Redis Stream
-//! with a consumer group (at-least-once delivery, reclaim of stalled entries, a delayed set
-//! for retries, a dead-letter stream written before the ack). The workers, handlers,
-//! ledger and binary come next.
+//! Jobs travel through a Redis Stream with a consumer group ([`queue`]). A [`Runner`]
+//! fetches them and runs each one's [`Handler`] under a quorum lock on the job's resource,
+//! kept alive by auto-extension, with the lock's fencing token in hand. For any one
+//! resource at most one handler runs at a time, and a handler that lost its lock cannot
+//! commit: the protected resource (the payment [`ledger`], in the built-in example)
+//! rejects its stale token.
+//!
+//! ```no_run
+//! use job_runner::{Handler, HandlerError, Job, JobContext, Queue, Registry, Runner};
+//! use job_runner::fencelock::Redlock;
+//!
+//! struct SendEmail;
+//!
+//! impl Handler for SendEmail {
+//!     async fn handle(&self, job: &Job, ctx: JobContext) -> Result<(), HandlerError> {
+//!         println!("sending {} under token {}", job.payload, ctx.fencing_token);
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let locks = Redlock::builder()
+//!     .nodes(["redis://127.0.0.1:7001", "redis://127.0.0.1:7002", "redis://127.0.0.1:7003"])
+//!     .fencing(true)
+//!     .build()
+//!     .await?;
+//! let queue = Queue::connect("redis://127.0.0.1:6379", "jobs", "worker-1").await?;
+//! let runner = Runner::builder(queue, locks, Registry::new().with("email", SendEmail))
+//!     .concurrency(8)
+//!     .build()?;
+//! runner.run(async { tokio::signal::ctrl_c().await.ok(); }).await;
+//! # Ok(()) }
+//! ```
 
+pub mod cli;
+pub mod config;
+pub mod exec;
+pub mod handler;
 pub mod job;
+pub mod ledger;
+pub mod payment;
 pub mod queue;
+pub mod telemetry;
+pub mod worker;
 
 pub use fencelock;
+pub use handler::{Handler, HandlerError, JobContext, Noop, Registry};
 pub use job::{Job, NewJob};
-pub use queue::{Delivery, Queue, QueueError};
+pub use queue::{Delivery, Queue, QueueError, QueueStats};
+pub use worker::{RunReport, Runner, RunnerBuilder};
+
+#[cfg(test)]
+mod send_sync {
+    fn is_send_sync<T: Send + Sync + 'static>() {}
+
+    #[test]
+    fn shared_types_are_send_sync() {
+        is_send_sync::<crate::Runner>();
+        is_send_sync::<crate::Queue>();
+        is_send_sync::<crate::ledger::Ledger>();
+        is_send_sync::<crate::Registry>();
+        is_send_sync::<crate::JobContext>();
+        is_send_sync::<crate::telemetry::Health>();
+    }
+}

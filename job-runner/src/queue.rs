@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{
     StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply,
 };
@@ -26,6 +26,13 @@ static RETRY_LATER: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/retry_later.lua")));
 static PROMOTE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/promote.lua")));
+static DEAD_RETRY: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/dead_retry.lua")));
+
+/// The longest [`Queue::fetch`] blocks; its connection's response timeout is set above it.
+pub const MAX_FETCH_BLOCK: Duration = Duration::from_secs(5);
+/// The response timeout of the queue's ordinary commands.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A queue failure: the queue's Redis did not do what was asked.
 #[derive(Debug)]
@@ -69,9 +76,14 @@ pub struct Delivery {
 }
 
 /// A queue on one Redis, shared by every worker of a process (cheap to clone).
+///
+/// It holds two self-reconnecting connections: one for the blocking `XREADGROUP`, which
+/// would otherwise hold up every ack queued behind it on a shared connection, and one for
+/// everything else.
 #[derive(Clone)]
 pub struct Queue {
     conn: ConnectionManager,
+    blocking: ConnectionManager,
     stream: String,
     delayed: String,
     dead: String,
@@ -107,9 +119,23 @@ impl Queue {
     /// When the Redis cannot be reached or refuses to create the group.
     pub async fn connect(url: &str, name: &str, consumer: &str) -> Result<Queue, QueueError> {
         let client = redis::Client::open(url).map_err(QueueError::on("connect"))?;
-        let mut conn = ConnectionManager::new(client)
-            .await
-            .map_err(QueueError::on("connect"))?;
+        // Fail fast at startup (the caller reports it); reconnect by itself later on.
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let mut conn = ConnectionManager::new_with_config(
+            client.clone(),
+            config.clone().set_response_timeout(Some(COMMAND_TIMEOUT)),
+        )
+        .await
+        .map_err(QueueError::on("connect"))?;
+        let blocking = ConnectionManager::new_with_config(
+            client,
+            config.set_response_timeout(Some(MAX_FETCH_BLOCK + COMMAND_TIMEOUT)),
+        )
+        .await
+        .map_err(QueueError::on("connect"))?;
         let stream = format!("{name}:jobs");
         let group = format!("{name}-workers");
         let created: Result<(), _> = conn.xgroup_create_mkstream(&stream, &group, "0").await;
@@ -120,6 +146,7 @@ impl Queue {
         }
         Ok(Queue {
             conn,
+            blocking,
             delayed: format!("{name}:delayed"),
             dead: format!("{name}:dead"),
             stream,
@@ -151,17 +178,58 @@ impl Queue {
         Ok(job.id)
     }
 
-    /// Waits up to `block` for new entries for this consumer, at most `count`.
+    /// The consumer name this queue reads as.
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    /// Adds many jobs in one round trip; returns their ids.
+    ///
+    /// # Errors
+    ///
+    /// When the queue's Redis fails; then none or some of them were added.
+    pub async fn enqueue_many(&self, jobs: &[NewJob]) -> Result<Vec<String>, QueueError> {
+        let mut pipe = redis::pipe();
+        let mut ids = Vec::with_capacity(jobs.len());
+        for new in jobs {
+            let job = Job {
+                id: format!("{:032x}", SmallRng::from_os_rng().random::<u128>()),
+                kind: new.kind.clone(),
+                resource: new.resource.clone(),
+                payload: new.payload.clone(),
+                attempt: 0,
+                enqueued_at_ms: now_ms(),
+            };
+            let raw = serde_json::to_string(&job).expect("a job serializes");
+            pipe.xadd(&self.stream, "*", &[("job", raw)]).ignore();
+            ids.push(job.id);
+        }
+        let mut conn = self.conn.clone();
+        let () = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(QueueError::on("enqueue"))?;
+        Ok(ids)
+    }
+
+    /// Waits up to `block` (at most [`MAX_FETCH_BLOCK`]) for new entries for this
+    /// consumer, at most `count`.
     ///
     /// # Errors
     ///
     /// When the queue's Redis fails.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: if the future is dropped after Redis handed out entries, they stay
+    /// pending for this consumer until another consumer reclaims them after the visibility
+    /// timeout. Nothing is lost, but they are late.
     pub async fn fetch(&self, count: usize, block: Duration) -> Result<Vec<Delivery>, QueueError> {
         let options = StreamReadOptions::default()
             .group(&self.group, &self.consumer)
             .count(count)
-            .block(block.as_millis() as usize);
-        let mut conn = self.conn.clone();
+            .block(block.min(MAX_FETCH_BLOCK).as_millis() as usize);
+        let mut conn = self.blocking.clone();
         let reply: Option<StreamReadReply> = conn
             .xread_options(&[&self.stream], &[">"], &options)
             .await
@@ -198,6 +266,27 @@ impl Queue {
             .await
             .map_err(QueueError::on("reclaim"))?;
         Ok(reply.claimed.into_iter().map(delivery).collect())
+    }
+
+    /// Resets the idle time of entries this consumer is still working on, so that
+    /// [`reclaim`](Self::reclaim) elsewhere does not take them over while the job runs.
+    ///
+    /// # Errors
+    ///
+    /// When the queue's Redis fails.
+    pub async fn touch(&self, entry_ids: &[&str]) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let _: redis::Value = redis::cmd("XCLAIM")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg(0)
+            .arg(entry_ids)
+            .arg("JUSTID")
+            .query_async(&mut conn)
+            .await
+            .map_err(QueueError::on("touch"))?;
+        Ok(())
     }
 
     /// Retires a done entry.
@@ -312,6 +401,179 @@ impl Queue {
     pub async fn dead(&self) -> Result<u64, QueueError> {
         let mut conn = self.conn.clone();
         conn.xlen(&self.dead).await.map_err(QueueError::on("dead"))
+    }
+}
+
+/// Depth, pending, delayed and dead counts of a queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Entries not yet delivered to any consumer (the group's lag).
+    pub depth: u64,
+    /// Entries delivered and not yet acknowledged.
+    pub pending: u64,
+    /// Jobs waiting in the delayed set for a retry or a scheduled run.
+    pub delayed: u64,
+    /// Entries in the dead-letter stream.
+    pub dead: u64,
+    /// Consumers the group has seen.
+    pub consumers: u64,
+}
+
+/// One entry of the dead-letter stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadEntry {
+    /// Its id in the dead-letter stream.
+    pub id: String,
+    /// Why it is there.
+    pub reason: String,
+    /// The job as it was delivered (possibly malformed).
+    pub raw: String,
+}
+
+impl Queue {
+    /// Depth, pending, delayed and dead counts, in one round trip.
+    ///
+    /// # Errors
+    ///
+    /// When the queue's Redis fails.
+    pub async fn stats(&self) -> Result<QueueStats, QueueError> {
+        let mut conn = self.conn.clone();
+        let (groups, delayed, dead): (redis::Value, u64, u64) = redis::pipe()
+            .cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&self.stream)
+            .zcard(&self.delayed)
+            .xlen(&self.dead)
+            .query_async(&mut conn)
+            .await
+            .map_err(QueueError::on("stats"))?;
+        let mut stats = QueueStats {
+            delayed,
+            dead,
+            ..QueueStats::default()
+        };
+        if let redis::Value::Array(groups) = groups {
+            for group in groups {
+                let fields: std::collections::HashMap<String, redis::Value> =
+                    redis::from_redis_value(group).unwrap_or_default();
+                let name: Option<String> = fields
+                    .get("name")
+                    .and_then(|v| redis::from_redis_value_ref(v).ok());
+                if name.as_deref() != Some(self.group.as_str()) {
+                    continue;
+                }
+                let int = |key: &str| -> u64 {
+                    fields
+                        .get(key)
+                        .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
+                        .unwrap_or(0)
+                };
+                stats.depth = int("lag");
+                stats.pending = int("pending");
+                stats.consumers = int("consumers");
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Up to `count` dead-letter entries, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// When the queue's Redis fails.
+    pub async fn dead_list(&self, count: usize) -> Result<Vec<DeadEntry>, QueueError> {
+        let mut conn = self.conn.clone();
+        let reply: redis::streams::StreamRangeReply = conn
+            .xrange_count(&self.dead, "-", "+", count)
+            .await
+            .map_err(QueueError::on("dead list"))?;
+        Ok(reply
+            .ids
+            .into_iter()
+            .map(|e| DeadEntry {
+                reason: e.get("reason").unwrap_or_default(),
+                raw: e.get("job").unwrap_or_default(),
+                id: e.id,
+            })
+            .collect())
+    }
+
+    /// Moves dead-letter entry `id` back into the queue with its attempt count reset.
+    /// Returns false when there is no such entry (already retried, or a wrong id).
+    ///
+    /// # Errors
+    ///
+    /// When the queue's Redis fails, or with [`DeadRetryError::Malformed`] when the entry
+    /// is not a job (it stays where it is).
+    pub async fn dead_retry(&self, id: &str) -> Result<bool, DeadRetryError> {
+        let mut conn = self.conn.clone();
+        let reply: redis::streams::StreamRangeReply = conn
+            .xrange(&self.dead, id, id)
+            .await
+            .map_err(QueueError::on("dead retry"))?;
+        let Some(entry) = reply.ids.into_iter().next() else {
+            return Ok(false);
+        };
+        let raw: Option<String> = entry.get("job");
+        let mut job = job::parse(raw.as_deref()).map_err(|m| DeadRetryError::Malformed {
+            id: id.to_owned(),
+            reason: m.reason,
+        })?;
+        job.attempt = 0;
+        let raw = serde_json::to_string(&job).expect("a job serializes");
+        let moved: i64 = DEAD_RETRY
+            .key(&self.stream)
+            .key(&self.dead)
+            .arg(id)
+            .arg(raw)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(QueueError::on("dead retry"))?;
+        Ok(moved == 1)
+    }
+}
+
+/// Why a dead-letter entry could not be retried.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum DeadRetryError {
+    /// The queue's Redis failed.
+    Queue(QueueError),
+    /// The entry is not a valid job; retrying it would only dead-letter it again.
+    Malformed {
+        /// The entry.
+        id: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl From<QueueError> for DeadRetryError {
+    fn from(e: QueueError) -> Self {
+        DeadRetryError::Queue(e)
+    }
+}
+
+impl fmt::Display for DeadRetryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeadRetryError::Queue(e) => fmt::Display::fmt(e, f),
+            DeadRetryError::Malformed { id, reason } => {
+                write!(
+                    f,
+                    "dead-letter entry {id} is not a job ({reason}); left in place"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for DeadRetryError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DeadRetryError::Queue(e) => e.source(),
+            DeadRetryError::Malformed { .. } => None,
+        }
     }
 }
 

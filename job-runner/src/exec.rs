@@ -1,0 +1,208 @@
+//! The `exec` handler: runs a configured command per job kind, and the child-process
+//! plumbing it shares with `job-runner lock exec`.
+//!
+//! The job goes in through the environment (`JOB_ID`, `JOB_KIND`, `JOB_RESOURCE`,
+//! `JOB_ATTEMPT`, `FENCING_TOKEN`) and its payload as JSON on stdin. Exit code 0 means done,
+//! 75 (`EX_TEMPFAIL`) means try again later, anything else is a permanent failure. The
+//! child's stdout and stderr go to the log, line by line. On cancellation the child gets
+//! SIGTERM, then SIGKILL after a grace period.
+
+use std::collections::BTreeMap;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+use crate::handler::{Handler, HandlerError, JobContext};
+use crate::job::Job;
+
+/// The exit code that asks for a retry (`EX_TEMPFAIL` from `sysexits.h`).
+pub const EX_TEMPFAIL: i32 = 75;
+
+/// How long a child has between SIGTERM and SIGKILL, by default.
+pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs one command per job kind.
+#[derive(Debug, Clone)]
+pub struct ExecHandler {
+    commands: Arc<BTreeMap<String, Vec<String>>>,
+    kill_grace: Duration,
+}
+
+impl ExecHandler {
+    /// Runs `commands[kind]` (program and arguments) for jobs of that kind, with
+    /// [`DEFAULT_KILL_GRACE`].
+    pub fn new(commands: BTreeMap<String, Vec<String>>) -> Self {
+        ExecHandler {
+            commands: Arc::new(commands),
+            kill_grace: DEFAULT_KILL_GRACE,
+        }
+    }
+
+    /// How long a cancelled child has between SIGTERM and SIGKILL.
+    #[must_use]
+    pub fn kill_grace(mut self, grace: Duration) -> Self {
+        self.kill_grace = grace;
+        self
+    }
+
+    /// The kinds it has commands for.
+    pub fn kinds(&self) -> impl Iterator<Item = &str> {
+        self.commands.keys().map(String::as_str)
+    }
+}
+
+/// How a child process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildEnd {
+    /// It exited by itself.
+    Exited(ExitStatus),
+    /// It was stopped because of the cancel signal.
+    Cancelled(ExitStatus),
+}
+
+/// Spawns `argv` with `env`, writes `stdin` to it, logs its output under `label`, and waits
+/// for it; on `cancel` sends SIGTERM and, after `grace`, SIGKILL.
+///
+/// # Errors
+///
+/// When the program cannot be started.
+///
+/// # Cancel safety
+///
+/// Dropping the future kills the child (SIGKILL).
+pub async fn run_child(
+    argv: &[String],
+    env: &[(&str, String)],
+    stdin: Option<Vec<u8>>,
+    label: &str,
+    cancel: &CancellationToken,
+    grace: Duration,
+) -> std::io::Result<ChildEnd> {
+    let (program, args) = argv
+        .split_first()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"))?;
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot start `{program}`: {e}")))?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // A child that does not read its stdin must not block us: write in the background.
+        tokio::spawn(async move {
+            let _ = pipe.write_all(&input).await;
+            let _ = pipe.shutdown().await;
+        });
+    }
+    let out = child
+        .stdout
+        .take()
+        .map(|p| log_lines(p, label.to_owned(), false));
+    let err = child
+        .stderr
+        .take()
+        .map(|p| log_lines(p, label.to_owned(), true));
+    let end = tokio::select! {
+        status = child.wait() => ChildEnd::Exited(status?),
+        () = cancel.cancelled() => ChildEnd::Cancelled(terminate(&mut child, grace).await?),
+    };
+    for task in [out, err].into_iter().flatten() {
+        let _ = task.await;
+    }
+    Ok(end)
+}
+
+/// SIGTERM, then SIGKILL after `grace`.
+async fn terminate(child: &mut Child, grace: Duration) -> std::io::Result<ExitStatus> {
+    if let Some(pid) = child.id() {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+    }
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(status) => status,
+        Err(_) => {
+            tracing::warn!(
+                grace_ms = grace.as_millis() as u64,
+                "child ignored SIGTERM; killing it"
+            );
+            child.kill().await?;
+            child.wait().await
+        }
+    }
+}
+
+fn log_lines(
+    pipe: impl AsyncRead + Unpin + Send + 'static,
+    label: String,
+    stderr: bool,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(pipe).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if stderr {
+                tracing::warn!(target: "job_runner::exec", child = %label, "{line}");
+            } else {
+                tracing::info!(target: "job_runner::exec", child = %label, "{line}");
+            }
+        }
+    })
+}
+
+impl Handler for ExecHandler {
+    async fn handle(&self, job: &Job, ctx: JobContext) -> Result<(), HandlerError> {
+        let argv = self.commands.get(&job.kind).ok_or_else(|| {
+            HandlerError::permanent(format!("no command configured for kind `{}`", job.kind))
+        })?;
+        let env = [
+            ("JOB_ID", job.id.clone()),
+            ("JOB_KIND", job.kind.clone()),
+            ("JOB_RESOURCE", job.resource.clone()),
+            ("JOB_ATTEMPT", job.attempt.to_string()),
+            ("FENCING_TOKEN", ctx.fencing_token.to_string()),
+        ];
+        let payload = serde_json::to_vec(&job.payload).expect("JSON serializes");
+        let label = format!("{}:{}", job.kind, job.id);
+        let end = run_child(
+            argv,
+            &env,
+            Some(payload),
+            &label,
+            &ctx.cancel,
+            self.kill_grace,
+        )
+        .await
+        .map_err(|e| HandlerError::permanent(e.to_string()))?;
+        match end {
+            ChildEnd::Cancelled(_) => Err(HandlerError::transient("cancelled; child terminated")),
+            ChildEnd::Exited(status) => match status.code() {
+                Some(0) => Ok(()),
+                Some(EX_TEMPFAIL) => Err(HandlerError::transient(format!(
+                    "`{}` exited with {EX_TEMPFAIL} (EX_TEMPFAIL)",
+                    argv[0]
+                ))),
+                Some(code) => Err(HandlerError::permanent(format!(
+                    "`{}` exited with {code}",
+                    argv[0]
+                ))),
+                // Killed by a signal from outside (OOM killer, an operator): worth a retry.
+                None => Err(HandlerError::transient(format!(
+                    "`{}` was killed by a signal ({status})",
+                    argv[0]
+                ))),
+            },
+        }
+    }
+}

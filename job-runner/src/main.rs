@@ -1,0 +1,33 @@
+//! `job-runner`: parses the command line, sets up tracing, and hands over to
+//! [`job_runner::cli::dispatch`] with a shutdown signal on SIGTERM or SIGINT.
+
+use clap::Parser;
+use job_runner::cli::{self, Cli, EX_CONFIG};
+
+fn main() {
+    let cli = Cli::parse();
+    let settings = match cli.settings() {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("job-runner: {e}");
+            std::process::exit(EX_CONFIG);
+        }
+    };
+    cli::init_tracing(settings.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts");
+    let code = runtime.block_on(async {
+        match cli::dispatch(cli, settings, cli::shutdown_signal()).await {
+            Ok(code) => code,
+            Err(exit) => {
+                eprintln!("job-runner: {}", exit.message);
+                exit.code
+            }
+        }
+    });
+    // Do not wait for background tasks (the straggler drains of the lock client).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    std::process::exit(code);
+}

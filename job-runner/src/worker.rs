@@ -1,0 +1,836 @@
+//! The runner: a fetch loop that hands jobs to up to `concurrency` workers, each running
+//! one job's critical section under its lock.
+//!
+//! Per job: lock the resource (auto-extended while the handler runs), run the handler
+//! with the fencing token and a cancel signal, then acknowledge the entry and release the
+//! lock together. A contended lock puts the job back with jitter without spending an
+//! attempt; a transient failure retries with exponential backoff; a permanent failure, or
+//! the last attempt, goes to dead letters before the ack. A lock lost mid-job cancels the
+//! handler and retries the job.
+
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fencelock::{ErrorKind, LockState, Redlock, RetryPolicy, WatchdogConfig};
+use futures_util::FutureExt;
+use metrics::{counter, gauge, histogram};
+use rand::Rng;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::handler::{HandleFuture, HandlerError, JobContext, Registry};
+use crate::job::Job;
+use crate::queue::{Delivery, Queue};
+use crate::telemetry::{Health, names};
+
+/// Why the runner could not be built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The setting at fault.
+    pub key: &'static str,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid `{}`: {}", self.key, self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Settings of a [`Runner`]; see [`RunnerBuilder`] for each default.
+#[derive(Debug, Clone)]
+struct Settings {
+    concurrency: usize,
+    lock_ttl: Duration,
+    lock_retry: RetryPolicy,
+    visibility: Duration,
+    job_timeout: Duration,
+    cancel_grace: Duration,
+    shutdown_timeout: Duration,
+    max_attempts: u32,
+    backoff_base: Duration,
+    backoff_max: Duration,
+    requeue_delay: Duration,
+    fetch_block: Duration,
+    once: bool,
+}
+
+/// Builds a [`Runner`]. Consuming setters; checked by [`build`](Self::build).
+///
+/// | setting | default |
+/// |---|---|
+/// | [`concurrency`](Self::concurrency) | 16 jobs at once |
+/// | [`lock_ttl`](Self::lock_ttl) | 10 s, auto-extended every ttl/3 |
+/// | [`lock_retry`](Self::lock_retry) | 2 retries, 50 ms + up to 100 ms jitter, then requeue |
+/// | [`visibility_timeout`](Self::visibility_timeout) | 30 s |
+/// | [`job_timeout`](Self::job_timeout) | 5 min |
+/// | [`cancel_grace`](Self::cancel_grace) | 10 s |
+/// | [`shutdown_timeout`](Self::shutdown_timeout) | 25 s |
+/// | [`max_attempts`](Self::max_attempts) | 5 |
+/// | [`backoff`](Self::backoff) | 1 s doubling, at most 60 s, full jitter |
+/// | [`requeue_delay`](Self::requeue_delay) | up to 250 ms, random |
+/// | [`once`](Self::once) | false |
+#[derive(Debug)]
+#[must_use = "a builder does nothing until `build()`"]
+pub struct RunnerBuilder {
+    queue: Queue,
+    locks: Redlock,
+    handlers: Registry,
+    settings: Settings,
+    health: Option<Health>,
+}
+
+impl RunnerBuilder {
+    /// How many jobs run at once in this process.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.settings.concurrency = n;
+        self
+    }
+
+    /// The TTL of each job's lock. The watchdog extends it every ttl/3 while the handler
+    /// runs, so a crashed runner's locks free up within one TTL.
+    pub fn lock_ttl(mut self, ttl: Duration) -> Self {
+        self.settings.lock_ttl = ttl;
+        self
+    }
+
+    /// How long to try for a contended lock before putting the job back.
+    pub fn lock_retry(mut self, policy: RetryPolicy) -> Self {
+        self.settings.lock_retry = policy;
+        self
+    }
+
+    /// How long an entry may go unacknowledged, with no sign of life from its worker,
+    /// before another runner reclaims it. Running jobs keep their entries fresh, so this
+    /// only bounds how long a crashed runner's jobs wait. Must exceed the lock TTL.
+    pub fn visibility_timeout(mut self, t: Duration) -> Self {
+        self.settings.visibility = t;
+        self
+    }
+
+    /// The longest a handler may run; then it is cancelled and the job retried.
+    pub fn job_timeout(mut self, t: Duration) -> Self {
+        self.settings.job_timeout = t;
+        self
+    }
+
+    /// How long a cancelled handler has to return before its future is dropped.
+    pub fn cancel_grace(mut self, t: Duration) -> Self {
+        self.settings.cancel_grace = t;
+        self
+    }
+
+    /// On shutdown, how long running jobs have to finish before they are cancelled and
+    /// put back.
+    pub fn shutdown_timeout(mut self, t: Duration) -> Self {
+        self.settings.shutdown_timeout = t;
+        self
+    }
+
+    /// Attempts before a transiently failing job goes to dead letters (at least 1).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.settings.max_attempts = n;
+        self
+    }
+
+    /// Retry delays: `base × 2^attempt`, capped at `max`, with full jitter.
+    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.settings.backoff_base = base;
+        self.settings.backoff_max = max;
+        self
+    }
+
+    /// The longest random delay before a job whose lock was contended runs again.
+    pub fn requeue_delay(mut self, max: Duration) -> Self {
+        self.settings.requeue_delay = max;
+        self
+    }
+
+    /// Stop by itself once the queue is drained: nothing to fetch, nothing delayed,
+    /// nothing pending, nothing running.
+    pub fn once(mut self, once: bool) -> Self {
+        self.settings.once = once;
+        self
+    }
+
+    /// Report the fetch loop's pulse to `health` (for `/healthz`).
+    pub fn health(mut self, health: Health) -> Self {
+        self.health = Some(health);
+        self
+    }
+
+    /// Checks the settings.
+    ///
+    /// # Errors
+    ///
+    /// Names the first setting that is out of range: zero concurrency or attempts, a
+    /// zero TTL or timeout, a visibility timeout not above the lock TTL, a client without
+    /// fencing tokens, or no handlers.
+    pub fn build(self) -> Result<Runner, ConfigError> {
+        let s = &self.settings;
+        let bad = |key, problem: String| Err(ConfigError { key, problem });
+        if s.concurrency == 0 || s.concurrency > 4096 {
+            return bad(
+                "concurrency",
+                format!("must be 1..=4096, got {}", s.concurrency),
+            );
+        }
+        if s.max_attempts == 0 {
+            return bad("max_attempts", "must be at least 1".into());
+        }
+        if s.lock_ttl < Duration::from_millis(100) {
+            return bad(
+                "lock_ttl",
+                format!("must be at least 100ms, got {:?}", s.lock_ttl),
+            );
+        }
+        if s.visibility <= s.lock_ttl {
+            return bad(
+                "visibility_timeout",
+                format!(
+                    "must exceed the lock TTL ({:?}), got {:?}",
+                    s.lock_ttl, s.visibility
+                ),
+            );
+        }
+        if s.job_timeout.is_zero() {
+            return bad("job_timeout", "must be positive".into());
+        }
+        if s.backoff_base.is_zero() || s.backoff_max < s.backoff_base {
+            return bad(
+                "backoff",
+                format!(
+                    "base must be positive and max at least base, got {:?} and {:?}",
+                    s.backoff_base, s.backoff_max
+                ),
+            );
+        }
+        if !self.locks.fencing() {
+            return bad(
+                "lock_nodes",
+                "the lock client must be built with fencing(true): handlers need tokens".into(),
+            );
+        }
+        if self.handlers.is_empty() {
+            return bad("handlers", "no handler is registered".into());
+        }
+        let health = self
+            .health
+            .unwrap_or_else(|| Health::new(Duration::from_secs(15)));
+        Ok(Runner {
+            inner: Arc::new(Inner {
+                worker: self.queue.consumer().into(),
+                queue: self.queue,
+                locks: self.locks,
+                handlers: self.handlers,
+                settings: self.settings,
+                health,
+            }),
+        })
+    }
+}
+
+/// A job runner: fetches jobs from its [`Queue`] and runs each under a lock from its
+/// [`Redlock`] client. Cheap to clone.
+#[derive(Clone)]
+pub struct Runner {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    queue: Queue,
+    locks: Redlock,
+    handlers: Registry,
+    settings: Settings,
+    health: Health,
+    worker: Arc<str>,
+}
+
+impl fmt::Debug for Runner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Runner")
+            .field("worker", &self.inner.worker)
+            .field("handlers", &self.inner.handlers)
+            .field("concurrency", &self.inner.settings.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a run did, for the caller and for tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunReport {
+    /// Jobs done and acknowledged.
+    pub done: u64,
+    /// Jobs put back for a retry after a transient failure.
+    pub retried: u64,
+    /// Jobs put back because their lock was contended or the lock quorum unreachable.
+    pub requeued: u64,
+    /// Jobs sent to dead letters.
+    pub dead: u64,
+    /// Entries reclaimed from other consumers.
+    pub reclaimed: u64,
+    /// Jobs cut short by shutdown and put back.
+    pub interrupted: u64,
+}
+
+/// How one job ended, for the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Finished {
+    Done,
+    Retried,
+    Requeued,
+    Dead,
+    Interrupted,
+    /// Its entry could not be updated; it stays pending and is reclaimed later.
+    Left,
+}
+
+impl Finished {
+    fn label(self) -> &'static str {
+        match self {
+            Finished::Done => "done",
+            Finished::Retried => "retried",
+            Finished::Requeued => "requeued",
+            Finished::Dead => "dead",
+            Finished::Interrupted => "interrupted",
+            Finished::Left => "left_pending",
+        }
+    }
+}
+
+impl Runner {
+    /// A builder for a runner on `queue`, locking with `locks` (built with fencing on),
+    /// running `handlers`.
+    pub fn builder(queue: Queue, locks: Redlock, handlers: Registry) -> RunnerBuilder {
+        RunnerBuilder {
+            queue,
+            locks,
+            handlers,
+            settings: Settings {
+                concurrency: 16,
+                lock_ttl: Duration::from_secs(10),
+                lock_retry: RetryPolicy::new(
+                    2,
+                    Duration::from_millis(50),
+                    Duration::from_millis(100),
+                ),
+                visibility: Duration::from_secs(30),
+                job_timeout: Duration::from_secs(300),
+                cancel_grace: Duration::from_secs(10),
+                shutdown_timeout: Duration::from_secs(25),
+                max_attempts: 5,
+                backoff_base: Duration::from_secs(1),
+                backoff_max: Duration::from_secs(60),
+                requeue_delay: Duration::from_millis(250),
+                fetch_block: Duration::from_millis(500),
+                once: false,
+            },
+            health: None,
+        }
+    }
+
+    /// The queue it runs jobs from.
+    pub fn queue(&self) -> &Queue {
+        &self.inner.queue
+    }
+
+    /// The fetch loop's health, for `/healthz`.
+    pub fn health(&self) -> Health {
+        self.inner.health.clone()
+    }
+
+    /// Runs until `shutdown` resolves (or, with [`once`](RunnerBuilder::once), until the
+    /// queue is drained).
+    ///
+    /// On shutdown it stops fetching and gives running jobs up to the shutdown timeout to
+    /// finish. Jobs still running then are cancelled, their locks released, and they are
+    /// put back to run again; if even that fails, their entries stay pending and another
+    /// runner reclaims them. No job is lost.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future drops the running jobs' futures: their guards release their
+    /// locks in the background and their entries stay pending, to be reclaimed after the
+    /// visibility timeout. Prefer resolving `shutdown`.
+    pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) -> RunReport {
+        let inner = &self.inner;
+        let s = &inner.settings;
+        let slots = Arc::new(Semaphore::new(s.concurrency));
+        let hard_stop = CancellationToken::new();
+        let mut jobs: JoinSet<Finished> = JoinSet::new();
+        let mut report = RunReport::default();
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut last_promote = Instant::now() - Duration::from_secs(1);
+        let mut last_reclaim = Instant::now() - s.visibility;
+        let mut idle_turns = 0u32;
+        tracing::info!(worker = %inner.worker, concurrency = s.concurrency, kinds = ?inner.handlers, "runner started");
+
+        'fetch: loop {
+            inner.health.beat();
+            while let Some(done) = jobs.try_join_next() {
+                tally(&mut report, done);
+            }
+            // Wait for a free worker, beating the pulse, and watching for shutdown.
+            let permit = loop {
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => break 'fetch,
+                    p = slots.clone().acquire_owned() => break p.expect("never closed"),
+                    Some(done) = jobs.join_next(), if !jobs.is_empty() => tally(&mut report, done),
+                    () = tokio::time::sleep(Duration::from_secs(1)) => inner.health.beat(),
+                }
+            };
+            let free = slots.available_permits() + 1;
+
+            if last_promote.elapsed() >= Duration::from_millis(200) {
+                last_promote = Instant::now();
+                if let Err(e) = inner.queue.promote_due(256).await {
+                    tracing::warn!(error = %error_chain(&e), "promoting delayed jobs failed");
+                }
+            }
+            let mut batch = Vec::new();
+            if last_reclaim.elapsed() >= (s.visibility / 2).max(Duration::from_millis(500)) {
+                last_reclaim = Instant::now();
+                match inner.queue.reclaim(s.visibility, free).await {
+                    Ok(claimed) => {
+                        if !claimed.is_empty() {
+                            tracing::info!(count = claimed.len(), "reclaimed stalled entries");
+                            counter!(names::RECLAIMED).increment(claimed.len() as u64);
+                            report.reclaimed += claimed.len() as u64;
+                        }
+                        batch = claimed;
+                    }
+                    Err(e) => tracing::warn!(error = %error_chain(&e), "reclaim failed"),
+                }
+            }
+            if batch.is_empty() {
+                let block = if s.once {
+                    Duration::from_millis(100)
+                } else {
+                    s.fetch_block
+                };
+                match inner.queue.fetch(free, block).await {
+                    Ok(fetched) => {
+                        inner.health.fetch_ok();
+                        batch = fetched;
+                    }
+                    Err(e) => {
+                        inner.health.fetch_failed();
+                        tracing::warn!(error = %error_chain(&e), "fetch failed; retrying");
+                        drop(permit);
+                        tokio::select! {
+                            () = &mut shutdown => break 'fetch,
+                            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        }
+                        continue;
+                    }
+                }
+            }
+            if batch.is_empty() {
+                drop(permit);
+                if s.once && jobs.is_empty() {
+                    idle_turns += 1;
+                    // Drained only if nothing is delayed or pending anywhere either.
+                    if idle_turns >= 3 && self.drained().await {
+                        break 'fetch;
+                    }
+                }
+                continue;
+            }
+            idle_turns = 0;
+            let mut permit = Some(permit);
+            for delivery in batch {
+                let permit = match permit.take() {
+                    Some(p) => p,
+                    None => slots
+                        .clone()
+                        .try_acquire_owned()
+                        .expect("fetched no more than the free slots"),
+                };
+                let runner = self.clone();
+                let hard_stop = hard_stop.clone();
+                jobs.spawn(async move {
+                    gauge!(names::IN_FLIGHT).increment(1.0);
+                    let finished = runner.process(delivery, hard_stop).await;
+                    gauge!(names::IN_FLIGHT).decrement(1.0);
+                    drop(permit);
+                    finished
+                });
+            }
+        }
+
+        inner.health.stopping();
+        tracing::info!(
+            running = jobs.len(),
+            timeout_s = s.shutdown_timeout.as_secs_f64(),
+            "stopped fetching; waiting for running jobs"
+        );
+        let deadline = tokio::time::sleep(s.shutdown_timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                next = jobs.join_next() => match next {
+                    Some(done) => tally(&mut report, done),
+                    None => break,
+                },
+                () = &mut deadline, if !hard_stop.is_cancelled() => {
+                    tracing::warn!(running = jobs.len(), "shutdown timeout: cancelling running jobs");
+                    hard_stop.cancel();
+                }
+            }
+        }
+        tracing::info!(?report, "runner stopped");
+        report
+    }
+
+    /// Nothing waiting, delayed or pending in the queue.
+    async fn drained(&self) -> bool {
+        match self.inner.queue.stats().await {
+            Ok(st) => st.depth == 0 && st.pending == 0 && st.delayed == 0,
+            Err(_) => false,
+        }
+    }
+
+    async fn process(&self, delivery: Delivery, hard_stop: CancellationToken) -> Finished {
+        let job = match &delivery.job {
+            Ok(job) => job.clone(),
+            Err(malformed) => {
+                let reason = format!("malformed job: {}", malformed.reason);
+                tracing::warn!(entry = %delivery.entry_id, %reason, "dead-lettering");
+                return self.dead(&delivery, "malformed", &reason).await;
+            }
+        };
+        let span = tracing::info_span!(
+            "job",
+            id = %job.id,
+            kind = %job.kind,
+            resource = %job.resource,
+            attempt = job.attempt,
+            token = tracing::field::Empty,
+        );
+        self.process_job(delivery, job, hard_stop)
+            .instrument(span)
+            .await
+    }
+
+    async fn process_job(
+        &self,
+        delivery: Delivery,
+        job: Job,
+        hard_stop: CancellationToken,
+    ) -> Finished {
+        let inner = &self.inner;
+        let s = &inner.settings;
+        let Some(handler) = inner.handlers.get(&job.kind) else {
+            let known: Vec<&str> = inner.handlers.kinds().collect();
+            let reason = format!(
+                "unknown kind `{}` (this runner handles: {})",
+                job.kind,
+                known.join(", ")
+            );
+            tracing::warn!(%reason, "dead-lettering");
+            return self.dead(&delivery, "unknown_kind", &reason).await;
+        };
+
+        let started = Instant::now();
+        let acquired = inner
+            .locks
+            .lock_with_retry(&[job.resource.as_str()], s.lock_ttl, s.lock_retry)
+            .await;
+        histogram!(names::LOCK_ACQUIRE_DURATION).record(started.elapsed().as_secs_f64());
+        let guard = match acquired {
+            Ok(guard) => {
+                counter!(names::LOCK_ACQUIRE, "outcome" => "acquired").increment(1);
+                guard
+            }
+            Err(e) => {
+                let (outcome, delay) = match e.kind() {
+                    ErrorKind::Contended => ("contended", self.jitter(s.requeue_delay)),
+                    ErrorKind::Config => {
+                        counter!(names::LOCK_ACQUIRE, "outcome" => "error").increment(1);
+                        let reason = format!("cannot lock resource `{}`: {e}", job.resource);
+                        return self.dead(&delivery, "permanent", &reason).await;
+                    }
+                    // The lock quorum is unreachable (the error names the failed nodes):
+                    // not the job's fault, so no attempt is spent; wait a little longer.
+                    _ => {
+                        tracing::warn!(error = %e, "lock quorum unavailable; job put back");
+                        (
+                            "no_quorum",
+                            Duration::from_millis(500) + self.jitter(Duration::from_secs(1)),
+                        )
+                    }
+                };
+                counter!(names::LOCK_ACQUIRE, "outcome" => outcome).increment(1);
+                tracing::debug!(
+                    outcome,
+                    delay_ms = delay.as_millis() as u64,
+                    "lock not taken; job put back"
+                );
+                return match inner
+                    .queue
+                    .retry_later(&delivery.entry_id, &job, delay)
+                    .await
+                {
+                    Ok(()) => Finished::Requeued,
+                    Err(qe) => {
+                        tracing::warn!(error = %error_chain(&qe), "requeue failed; the entry stays pending");
+                        Finished::Left
+                    }
+                };
+            }
+        };
+        let token = guard
+            .fencing_token()
+            .expect("fencing is on: checked at build");
+        tracing::Span::current().record("token", token);
+
+        let watchdog = guard.auto_extend_with(
+            WatchdogConfig::default()
+                .max_hold(s.job_timeout + s.cancel_grace + s.lock_ttl)
+                .cancel_on_loss(false),
+        );
+        let health = watchdog.health();
+        let cancel = CancellationToken::new();
+        let ctx = JobContext {
+            fencing_token: token,
+            cancel: cancel.clone(),
+            lock: health.clone(),
+            worker: inner.worker.clone(),
+        };
+        let ran_at = Instant::now();
+        let ended = {
+            let job = &job;
+            let handler_future: HandleFuture<'_> = Box::pin(async move {
+                // A panicking handler would panic again on every redelivery: dead-letter it.
+                AssertUnwindSafe(handler.handle_boxed(job, ctx))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|_| Err(HandlerError::permanent("the handler panicked")))
+            });
+            self.supervise(handler_future, &delivery, &health, &cancel, &hard_stop)
+                .await
+        };
+        let elapsed = ran_at.elapsed();
+        histogram!(names::JOB_DURATION, "kind" => job.kind.clone()).record(elapsed.as_secs_f64());
+        let guard = watchdog.stop().await;
+
+        let (result, why) = match ended {
+            Ended::Returned(r) => (r, None),
+            Ended::Lost(r) => {
+                counter!(names::LOCKS_LOST).increment(1);
+                (r, Some("lock lost"))
+            }
+            Ended::TimedOut(r) => (r, Some("job timed out")),
+            Ended::Interrupted(r) => (r, Some("shutdown")),
+        };
+        let finished = match (result, why) {
+            (Some(Ok(())), why) => {
+                if let Some(why) = why {
+                    tracing::warn!(why, "handler finished after it was told to stop");
+                }
+                let (acked, released) =
+                    tokio::join!(inner.queue.ack(&delivery.entry_id), guard.release());
+                if let Err(e) = released {
+                    tracing::debug!(error = %e, "release failed; the lock expires by its TTL");
+                }
+                match acked {
+                    Ok(()) => Finished::Done,
+                    Err(e) => {
+                        tracing::warn!(error = %error_chain(&e), "ack failed; the entry will be reclaimed and run again");
+                        Finished::Left
+                    }
+                }
+            }
+            (result, why) => {
+                // Release first: the retry may run at once, elsewhere.
+                if let Err(e) = guard.release().await {
+                    tracing::debug!(error = %e, "release failed; the lock expires by its TTL");
+                }
+                match (result, why) {
+                    (_, Some("shutdown")) => {
+                        match inner
+                            .queue
+                            .retry_later(&delivery.entry_id, &job, Duration::ZERO)
+                            .await
+                        {
+                            Ok(()) => Finished::Interrupted,
+                            Err(_) => Finished::Left,
+                        }
+                    }
+                    (Some(Err(HandlerError::Permanent(reason))), _) => {
+                        tracing::warn!(%reason, "permanent failure; dead-lettering");
+                        self.dead(&delivery, "permanent", &reason).await
+                    }
+                    (result, why) => {
+                        let reason = match (result, why) {
+                            (Some(Err(e)), Some(why)) => format!("{why}: {e}"),
+                            (Some(Err(e)), None) => e.to_string(),
+                            (_, why) => format!(
+                                "{}; handler did not stop within the grace period",
+                                why.unwrap_or("cancelled")
+                            ),
+                        };
+                        self.retry(&delivery, job.clone(), &reason).await
+                    }
+                }
+            }
+        };
+        counter!(names::JOBS, "kind" => job.kind.clone(), "outcome" => finished.label())
+            .increment(1);
+        tracing::info!(
+            outcome = finished.label(),
+            duration_ms = elapsed.as_secs_f64() * 1e3,
+            "job finished"
+        );
+        finished
+    }
+
+    /// Runs the handler until it returns, its lock is lost, it times out, or shutdown's
+    /// hard stop; keeps its entry fresh meanwhile.
+    async fn supervise(
+        &self,
+        mut fut: HandleFuture<'_>,
+        delivery: &Delivery,
+        health: &fencelock::LockHealth,
+        cancel: &CancellationToken,
+        hard_stop: &CancellationToken,
+    ) -> Ended {
+        let s = &self.inner.settings;
+        let timeout = tokio::time::sleep(s.job_timeout);
+        tokio::pin!(timeout);
+        let mut touch =
+            tokio::time::interval_at(Instant::now() + s.visibility / 3, s.visibility / 3);
+        let mut at_risk_seen = false;
+        let stop: fn(Option<Result<(), HandlerError>>) -> Ended;
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut fut => return Ended::Returned(Some(r)),
+                state = health.at_risk(), if !at_risk_seen => {
+                    at_risk_seen = true;
+                    if let LockState::Lost(reason) = state {
+                        tracing::warn!(?reason, "lock lost mid-job; cancelling the handler");
+                        stop = Ended::Lost;
+                        break;
+                    }
+                    counter!(names::LOCK_EXTEND_FAILED).increment(1);
+                    tracing::warn!("lock extensions failing; the lock is at risk");
+                }
+                reason = health.lost(), if at_risk_seen => {
+                    tracing::warn!(?reason, "lock lost mid-job; cancelling the handler");
+                    stop = Ended::Lost;
+                    break;
+                }
+                () = &mut timeout => {
+                    tracing::warn!(timeout_s = s.job_timeout.as_secs_f64(), "job timed out; cancelling the handler");
+                    stop = Ended::TimedOut;
+                    break;
+                }
+                () = hard_stop.cancelled() => {
+                    stop = Ended::Interrupted;
+                    break;
+                }
+                _ = touch.tick() => {
+                    if let Err(e) = self.inner.queue.touch(&[delivery.entry_id.as_str()]).await {
+                        tracing::debug!(error = %error_chain(&e), "could not refresh the entry");
+                    }
+                }
+            }
+        }
+        cancel.cancel();
+        stop(tokio::time::timeout(s.cancel_grace, fut).await.ok())
+    }
+
+    async fn retry(&self, delivery: &Delivery, mut job: Job, reason: &str) -> Finished {
+        let s = &self.inner.settings;
+        let attempts = job.attempt + 1;
+        if attempts >= s.max_attempts {
+            let reason = format!("gave up after {attempts} attempts; last: {reason}");
+            tracing::warn!(%reason, "dead-lettering");
+            return self.dead(delivery, "attempts_exhausted", &reason).await;
+        }
+        let ceiling = s
+            .backoff_base
+            .saturating_mul(1u32 << job.attempt.min(20))
+            .min(s.backoff_max);
+        // Full jitter, but never quicker than a tenth of the step.
+        let delay = ceiling / 10 + self.jitter(ceiling - ceiling / 10);
+        job.attempt = attempts;
+        tracing::info!(%reason, delay_ms = delay.as_millis() as u64, next_attempt = attempts, "transient failure; retrying later");
+        match self
+            .inner
+            .queue
+            .retry_later(&delivery.entry_id, &job, delay)
+            .await
+        {
+            Ok(()) => Finished::Retried,
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "scheduling the retry failed; the entry stays pending");
+                Finished::Left
+            }
+        }
+    }
+
+    async fn dead(&self, delivery: &Delivery, class: &'static str, reason: &str) -> Finished {
+        match self.inner.queue.dead_letter(delivery, reason).await {
+            Ok(()) => {
+                counter!(names::DEAD_LETTERED, "reason" => class).increment(1);
+                Finished::Dead
+            }
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "dead-lettering failed; the entry stays pending");
+                Finished::Left
+            }
+        }
+    }
+
+    fn jitter(&self, max: Duration) -> Duration {
+        if max.is_zero() {
+            return max;
+        }
+        SmallRng::from_os_rng().random_range(Duration::ZERO..=max)
+    }
+}
+
+enum Ended {
+    Returned(Option<Result<(), HandlerError>>),
+    Lost(Option<Result<(), HandlerError>>),
+    TimedOut(Option<Result<(), HandlerError>>),
+    Interrupted(Option<Result<(), HandlerError>>),
+}
+
+fn tally(report: &mut RunReport, joined: Result<Finished, tokio::task::JoinError>) {
+    match joined {
+        Ok(Finished::Done) => report.done += 1,
+        Ok(Finished::Retried) => report.retried += 1,
+        Ok(Finished::Requeued) => report.requeued += 1,
+        Ok(Finished::Dead) => report.dead += 1,
+        Ok(Finished::Interrupted) => report.interrupted += 1,
+        Ok(Finished::Left) => {}
+        Err(e) => tracing::error!(error = %e, "a job task panicked; its entry will be reclaimed"),
+    }
+}
+
+/// An error and its sources, on one line.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
