@@ -322,7 +322,7 @@ impl Ledger {
 
     /// Starts a holder's work on `order_id`: creates the order as pending if it is new,
     /// rejects a token older than the fence, raises the fence to the token, and says where
-    /// the order stands. Raising the fence at the start means that a holder that paused
+    /// the order stands (logging the attempt when it is already paid). Raising the fence at the start means that a holder that paused
     /// cannot commit even if the newer holder has not committed yet.
     ///
     /// # Errors
@@ -356,8 +356,13 @@ impl Ledger {
                 params![order_id, token],
             )?;
         }
+        let paid = status == "paid";
+        if paid {
+            // A duplicate: logged, so the audit sees every holder that touched the order.
+            log_attempt(&tx, order_id, writer, Outcome::AlreadyPaid)?;
+        }
         tx.commit()?;
-        Ok(if status == "paid" {
+        Ok(if paid {
             Begin::AlreadyPaid
         } else {
             Begin::Pending

@@ -319,3 +319,34 @@ impl Cluster {
         .await;
     }
 }
+
+/// A lock client with fencing tokens over `urls`, as the job runner needs.
+pub async fn fenced_client(urls: &[String]) -> Redlock {
+    Redlock::builder()
+        .nodes(urls.iter().cloned())
+        .node_timeout(TEST_NODE_TIMEOUT)
+        .fencing(true)
+        .build()
+        .await
+        .expect("build a fenced client")
+}
+
+/// A fresh path under the temp dir, for a ledger file.
+pub fn temp_path(name: &str) -> std::path::PathBuf {
+    use rand::Rng;
+    let n: u64 = rand::rngs::SmallRng::from_os_rng().random();
+    std::env::temp_dir().join(format!("{name}-{}-{n:x}.db", std::process::id()))
+}
+
+/// Polls `check` every 50 ms until it holds; panics with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
