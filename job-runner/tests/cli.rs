@@ -1,0 +1,366 @@
+//! The `job-runner` binary: each subcommand against real Redis, config precedence,
+//! configuration and connection errors with their exit codes, `/metrics` and `/healthz`,
+//! and a clean exit on SIGTERM.
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use job_runner::ledger::Ledger;
+use support::{Cluster, temp_path, wait_until};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_job-runner");
+
+/// The binary with a clean environment of `JOB_RUNNER_*` settings.
+fn job_runner(cluster_urls: &[String]) -> Command {
+    let mut cmd = Command::new(BIN);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("JOB_RUNNER_") || k == "REDIS_URL" {
+            cmd.env_remove(k);
+        }
+    }
+    if !cluster_urls.is_empty() {
+        cmd.env(
+            "JOB_RUNNER_LOCK_NODES",
+            cluster_urls[..cluster_urls.len() - 1].join(","),
+        )
+        .env("JOB_RUNNER_QUEUE", &cluster_urls[cluster_urls.len() - 1]);
+    }
+    cmd.env("RUST_LOG", "warn").stdin(Stdio::null());
+    cmd
+}
+
+fn out(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("run job-runner")
+}
+
+#[test]
+fn config_precedence_is_flags_then_env_then_file() {
+    let file = temp_path("cfg").with_extension("toml");
+    std::fs::write(
+        &file,
+        "concurrency = 2\nqueue_name = \"from-file\"\nmax_attempts = 7\nlock_nodes = [\"redis://127.0.0.1:7001\"]\n",
+    )
+    .unwrap();
+    let shown = |cmd: &mut Command| {
+        let o = run(cmd);
+        assert!(o.status.success(), "{}", out(&o));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let base = || {
+        let mut c = job_runner(&[]);
+        c.args(["run", "--print-config", "--config"]).arg(&file);
+        c
+    };
+    let from_file = shown(&mut base());
+    assert!(from_file.contains("concurrency = 2\n"), "{from_file}");
+    assert!(from_file.contains("queue_name = \"from-file\"\n"));
+    assert!(from_file.contains("max_attempts = 7\n"));
+    let from_env = shown(
+        base()
+            .env("JOB_RUNNER_CONCURRENCY", "3")
+            .env("REDIS_URL", "redis://env-queue:6379"),
+    );
+    assert!(from_env.contains("concurrency = 3\n"), "{from_env}");
+    assert!(
+        from_env.contains("queue = \"redis://env-queue:6379\"\n"),
+        "{from_env}"
+    );
+    let from_flag = shown(
+        base()
+            .args(["-c", "4", "--queue", "redis://flag-queue:6379"])
+            .env("JOB_RUNNER_CONCURRENCY", "3")
+            .env("JOB_RUNNER_QUEUE", "redis://env-queue:6379"),
+    );
+    assert!(from_flag.contains("concurrency = 4\n"), "{from_flag}");
+    assert!(
+        from_flag.contains("queue = \"redis://flag-queue:6379\"\n"),
+        "{from_flag}"
+    );
+    // JOB_RUNNER_QUEUE beats REDIS_URL.
+    let both = shown(
+        base()
+            .env("JOB_RUNNER_QUEUE", "redis://a:1")
+            .env("REDIS_URL", "redis://b:1"),
+    );
+    assert!(both.contains("queue = \"redis://a:1\"\n"), "{both}");
+    // Passwords are not printed.
+    let secret = shown(base().args(["--queue", "redis://u:hunter2@q:1"]));
+    assert!(
+        !secret.contains("hunter2") && secret.contains("redis://u:***@q:1"),
+        "{secret}"
+    );
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn bad_config_fails_before_work_with_the_key_named() {
+    let file = temp_path("bad").with_extension("toml");
+    std::fs::write(&file, "concurency = 3\n").unwrap();
+    let o = run(job_runner(&[]).args(["run", "--config"]).arg(&file));
+    assert_eq!(o.status.code(), Some(78), "{}", out(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("concurency"),
+        "{}",
+        out(&o)
+    );
+
+    let o = run(job_runner(&[]).args([
+        "run",
+        "--lock-nodes",
+        "redis://127.0.0.1:1",
+        "--lock-ttl-ms",
+        "50000",
+    ]));
+    assert_eq!(o.status.code(), Some(78), "{}", out(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("`visibility_timeout_ms`"),
+        "{}",
+        out(&o)
+    );
+
+    let o = run(job_runner(&[]).args(["run"]));
+    assert_eq!(o.status.code(), Some(78), "{}", out(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("`lock_nodes`"),
+        "{}",
+        out(&o)
+    );
+
+    let o = run(job_runner(&[]).args(["run", "--lock-nodes", "http://nope"]));
+    assert_eq!(o.status.code(), Some(78), "{}", out(&o));
+
+    let o = run(job_runner(&[]).args(["run", "-c", "many"]));
+    assert_ne!(o.status.code(), Some(0), "{}", out(&o));
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn an_unreachable_queue_at_startup_exits_69() {
+    let o = run(job_runner(&[]).args([
+        "run",
+        "--lock-nodes",
+        "redis://127.0.0.1:1",
+        "--queue",
+        "redis://127.0.0.1:1",
+        "--metrics-addr",
+        "off",
+    ]));
+    assert_eq!(o.status.code(), Some(69), "{}", out(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("cannot reach the queue"),
+        "{}",
+        out(&o)
+    );
+}
+
+async fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    let status = body[9..12].parse().unwrap();
+    (status, body)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subcommands_against_real_redis() {
+    let cluster = Cluster::start(4).await;
+    let urls = cluster.urls();
+    let ledger = temp_path("cli-ledger");
+
+    // enqueue: three payments for one order, one malformed payload, one unknown kind.
+    let o = run(job_runner(&urls).args([
+        "enqueue",
+        "payment",
+        "--resource",
+        "order:42",
+        "--count",
+        "3",
+        "--payload",
+        r#"{"order_id":42,"amount_cents":1999}"#,
+    ]));
+    assert!(o.status.success(), "{}", out(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).lines().count(),
+        3,
+        "one id per job"
+    );
+    let o = run(job_runner(&urls).args([
+        "enqueue",
+        "payment",
+        "--resource",
+        "order:1",
+        "--payload",
+        "{",
+    ]));
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--payload is not JSON"));
+    let o = run(job_runner(&urls).args(["enqueue", "mystery", "--resource", "x"]));
+    assert!(o.status.success(), "{}", out(&o));
+
+    let o = run(job_runner(&urls).arg("info"));
+    let info = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(info.contains("depth     4"), "{}", out(&o));
+    assert_eq!(info.matches("locks held on").count(), 3, "{info}");
+
+    // run --once drains the queue; /metrics and /healthz answer meanwhile.
+    let port = free_port();
+    let mut child = tokio::process::Command::from({
+        let mut c = job_runner(&urls);
+        c.args([
+            "run",
+            "--once",
+            "-c",
+            "4",
+            "--gateway-latency-ms",
+            "300",
+            "--metrics-addr",
+        ])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--ledger")
+        .arg(&ledger);
+        c
+    })
+    .spawn()
+    .unwrap();
+    wait_until("/healthz", Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+    let (status, body) = http_get(port, "/healthz").await;
+    assert_eq!(status, 200, "{body}");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    let audit = Ledger::open(&ledger).unwrap().audit().unwrap();
+    assert_eq!(
+        (audit.paid, audit.charged, audit.violations()),
+        (1, 1, 0),
+        "{audit}"
+    );
+
+    let o = run(job_runner(&urls).arg("info"));
+    let info = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        info.contains("depth     0")
+            && info.contains("pending   0")
+            && info.contains("dead      1"),
+        "{info}"
+    );
+
+    // dead list shows the reason; dead retry --all puts it back.
+    let o = run(job_runner(&urls).args(["dead", "list"]));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("unknown kind `mystery`"),
+        "{}",
+        out(&o)
+    );
+    let o = run(job_runner(&urls).args(["dead", "retry", "--all"]));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("retried 1 dead letters"),
+        "{}",
+        out(&o)
+    );
+    let o = run(job_runner(&urls).args(["dead", "retry", "0-1"]));
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    let o = run(job_runner(&urls).arg("info"));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("depth     1"),
+        "{}",
+        out(&o)
+    );
+
+    // SIGTERM: a runner with jobs in flight finishes them and exits 0.
+    let o = run(job_runner(&urls).args([
+        "enqueue",
+        "payment",
+        "--resource",
+        "order:43",
+        "--payload",
+        r#"{"order_id":43,"amount_cents":5}"#,
+    ]));
+    assert!(o.status.success());
+    let port = free_port();
+    let mut child = tokio::process::Command::from({
+        let mut c = job_runner(&urls);
+        c.args([
+            "run",
+            "--gateway-latency-ms",
+            "1500",
+            "--exec",
+            "mystery=true",
+            "--metrics-addr",
+        ])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--ledger")
+        .arg(&ledger);
+        c
+    })
+    .spawn()
+    .unwrap();
+    let db = Ledger::open(&ledger).unwrap();
+    wait_until("order 43 to begin", Duration::from_secs(10), || async {
+        db.order(43).unwrap().is_some()
+    })
+    .await;
+    let (_, metrics) = http_get(port, "/metrics").await;
+    assert!(
+        metrics.contains("job_runner_lock_acquire_total"),
+        "{metrics}"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        db.order(43).unwrap().unwrap().paid,
+        "the in-flight job finished"
+    );
+    let o = run(job_runner(&urls).arg("info"));
+    let info = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        info.contains("pending   0") && info.contains("dead      0"),
+        "{info}"
+    );
+
+    cluster
+        .assert_no_keys_on(&[0, 1, 2], Duration::from_secs(2))
+        .await;
+    let _ = std::fs::remove_file(&ledger);
+    cluster.teardown().await;
+}

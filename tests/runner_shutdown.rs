@@ -1,0 +1,110 @@
+//! Graceful shutdown: the runner stops fetching, lets running jobs finish, releases their
+//! locks and acknowledges them; jobs that outlive the shutdown timeout are cancelled and
+//! put back. Nothing is left pending or locked, and no job is lost.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use job_runner::{Handler, HandlerError, Job, JobContext, NewJob, Queue, Registry, Runner};
+use serde_json::json;
+use support::{Cluster, fenced_client, wait_until};
+use tokio_util::sync::CancellationToken;
+
+/// Sleeps for the payload's `ms`, or until cancelled when `ignore_cancel` is false.
+#[derive(Clone, Default)]
+struct Sleepy {
+    started: Arc<AtomicUsize>,
+    finished: Arc<AtomicUsize>,
+}
+
+impl Handler for Sleepy {
+    async fn handle(&self, job: &Job, ctx: JobContext) -> Result<(), HandlerError> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        let ms = job.payload["ms"].as_u64().unwrap_or(0);
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(ms)) => {
+                self.finished.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+            () = ctx.cancel.cancelled() => Err(HandlerError::transient("cancelled")),
+        }
+    }
+}
+
+async fn scenario(
+    job_ms: u64,
+    shutdown_timeout: Duration,
+) -> (Cluster, Queue, Sleepy, job_runner::RunReport) {
+    let cluster = Cluster::start(2).await;
+    let urls = cluster.urls();
+    let handler = Sleepy::default();
+    let runner = Runner::builder(
+        Queue::connect(&urls[1], "sd", "runner").await.unwrap(),
+        fenced_client(&urls[..1]).await,
+        Registry::new().with("sleep", handler.clone()),
+    )
+    .concurrency(4)
+    .lock_ttl(Duration::from_millis(900))
+    .visibility_timeout(Duration::from_secs(5))
+    .shutdown_timeout(shutdown_timeout)
+    .cancel_grace(Duration::from_secs(1))
+    .build()
+    .unwrap();
+    let queue = Queue::connect(&urls[1], "sd", "test").await.unwrap();
+    let jobs: Vec<NewJob> = (0..12)
+        .map(|i| NewJob::new("sleep", format!("r:{i}"), json!({"ms": job_ms})))
+        .collect();
+    queue.enqueue_many(&jobs).await.unwrap();
+    let stop = CancellationToken::new();
+    let task = {
+        let stop = stop.clone();
+        tokio::spawn(async move { runner.run(async move { stop.cancelled().await }).await })
+    };
+    wait_until("four jobs to start", Duration::from_secs(10), || async {
+        handler.started.load(Ordering::SeqCst) == 4
+    })
+    .await;
+    stop.cancel();
+    let report = task.await.unwrap();
+    (cluster, queue, handler, report)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_jobs_finish_and_nothing_is_left_pending_or_locked() {
+    let (cluster, queue, handler, report) = scenario(1500, Duration::from_secs(25)).await;
+    assert_eq!(report.done, 4, "{report:?}");
+    assert_eq!(
+        handler.started.load(Ordering::SeqCst),
+        4,
+        "no fetch after the signal"
+    );
+    assert_eq!(handler.finished.load(Ordering::SeqCst), 4);
+    let st = queue.stats().await.unwrap();
+    assert_eq!(
+        (st.pending, st.depth, st.delayed, st.dead),
+        (0, 8, 0, 0),
+        "{st:?}"
+    );
+    cluster
+        .assert_no_keys_on(&[0], Duration::from_millis(500))
+        .await;
+    cluster.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_past_the_timeout_are_cancelled_and_put_back() {
+    let (cluster, queue, handler, report) = scenario(60_000, Duration::from_millis(500)).await;
+    assert_eq!((report.done, report.interrupted), (0, 4), "{report:?}");
+    assert_eq!(handler.finished.load(Ordering::SeqCst), 0);
+    // All twelve jobs are still there: eight never fetched, four put back to run again.
+    let st = queue.stats().await.unwrap();
+    assert_eq!(st.pending, 0, "{st:?}");
+    assert_eq!(st.depth + st.delayed, 12, "{st:?}");
+    cluster
+        .assert_no_keys_on(&[0], Duration::from_millis(500))
+        .await;
+    cluster.teardown().await;
+}
