@@ -14,7 +14,7 @@ use fencelock::{Redlock, RetryPolicy, WatchdogConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, FileConfig, LogFormat, Overrides, Settings, redact};
-use crate::exec::{ChildEnd, EX_TEMPFAIL, ExecHandler, run_child};
+use crate::exec::{ChildEnd, ChildIo, EX_TEMPFAIL, ExecHandler, run_child};
 use crate::handler::{Noop, Registry};
 use crate::job::NewJob;
 use crate::ledger::Ledger;
@@ -45,6 +45,9 @@ Examples:
 
   # A distributed flock: run a command while holding a lock
   job-runner lock exec --resource nightly-report -- ./report.sh
+
+  # Prove the payment ledger charged every order exactly once
+  job-runner ledger audit --ledger job-runner-ledger.db
 
 Settings come from flags, then JOB_RUNNER_* variables (REDIS_URL for the queue), then the
 TOML file given with --config, then defaults.";
@@ -108,6 +111,20 @@ pub enum Command {
     /// Distributed locking from the shell.
     #[command(subcommand)]
     Lock(LockCommand),
+    /// The payment ledger.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+}
+
+/// `ledger` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum LedgerCommand {
+    /// Check "charged exactly once" over the attempt log; exits 1 on any violation.
+    Audit {
+        /// The ledger file [default: the `ledger` setting]
+        #[arg(long, env = "JOB_RUNNER_LEDGER", value_name = "FILE")]
+        ledger: Option<PathBuf>,
+    },
 }
 
 /// Flags of `run`.
@@ -354,6 +371,17 @@ pub async fn dispatch(
         Command::Info => info(&settings).await.map(|()| 0),
         Command::Dead(cmd) => dead(&settings, cmd).await.map(|()| 0),
         Command::Lock(LockCommand::Exec(args)) => lock_exec(&settings, args, shutdown).await,
+        Command::Ledger(LedgerCommand::Audit { ledger }) => {
+            let path = ledger.unwrap_or(settings.ledger);
+            if !path.exists() {
+                return Err(Exit::new(1, format!("no ledger at {}", path.display())));
+            }
+            let audit = Ledger::open(&path)
+                .and_then(|l| l.audit())
+                .map_err(|e| Exit::new(1, error_chain(&e)))?;
+            println!("{audit}");
+            Ok(if audit.violations() == 0 { 0 } else { 1 })
+        }
     }
 }
 
@@ -649,7 +677,7 @@ async fn lock_exec(
     let child = run_child(
         &args.command,
         &env,
-        None,
+        ChildIo::Inherit,
         &args.resource,
         &cancel,
         Duration::from_secs(args.kill_grace_secs),

@@ -66,8 +66,17 @@ pub enum ChildEnd {
     Cancelled(ExitStatus),
 }
 
-/// Spawns `argv` with `env`, writes `stdin` to it, logs its output under `label`, and waits
-/// for it; on `cancel` sends SIGTERM and, after `grace`, SIGKILL.
+/// Where a child's standard streams go.
+#[derive(Debug, Clone)]
+pub enum ChildIo {
+    /// Write these bytes to its stdin; log its stdout and stderr line by line.
+    Logged(Vec<u8>),
+    /// Share this process's stdin, stdout and stderr (as `flock` does).
+    Inherit,
+}
+
+/// Spawns `argv` with `env`, wires its streams as `io` says (logging under `label`), and
+/// waits for it; on `cancel` sends SIGTERM and, after `grace`, SIGKILL.
 ///
 /// # Errors
 ///
@@ -79,7 +88,7 @@ pub enum ChildEnd {
 pub async fn run_child(
     argv: &[String],
     env: &[(&str, String)],
-    stdin: Option<Vec<u8>>,
+    io: ChildIo,
     label: &str,
     cancel: &CancellationToken,
     grace: Duration,
@@ -90,14 +99,21 @@ pub async fn run_child(
     let mut cmd = Command::new(program);
     cmd.args(args)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .kill_on_drop(true);
+    let stdin = match io {
+        ChildIo::Logged(input) => {
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            Some(input)
+        }
+        ChildIo::Inherit => {
+            cmd.stdin(Stdio::inherit())
+                .stdout(Stdio::inherit())
+                .stderr(Stdio::inherit());
+            None
+        }
+    };
     let mut child = cmd
         .spawn()
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot start `{program}`: {e}")))?;
@@ -178,7 +194,7 @@ impl Handler for ExecHandler {
         let end = run_child(
             argv,
             &env,
-            Some(payload),
+            ChildIo::Logged(payload),
             &label,
             &ctx.cancel,
             self.kill_grace,

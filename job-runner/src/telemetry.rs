@@ -199,3 +199,32 @@ async fn render_health(State(s): State<Endpoints>) -> (StatusCode, String) {
         HealthStatus::Unhealthy(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_follows_the_fetch_loop() {
+        let health = Health::new(Duration::from_millis(50));
+        assert_eq!(health.status(), HealthStatus::Healthy);
+        std::thread::sleep(Duration::from_millis(80));
+        let HealthStatus::Unhealthy(why) = health.status() else {
+            panic!("a loop that stopped beating is unhealthy");
+        };
+        assert!(why.starts_with("fetch loop stuck"), "{why}");
+        health.beat();
+        assert_eq!(health.status(), HealthStatus::Healthy);
+        for _ in 0..3 {
+            health.fetch_failed();
+        }
+        assert_eq!(
+            health.status(),
+            HealthStatus::Unhealthy("last 3 fetches failed".into())
+        );
+        health.fetch_ok();
+        assert_eq!(health.status(), HealthStatus::Healthy);
+        health.stopping();
+        assert!(matches!(health.status(), HealthStatus::Unhealthy(_)));
+    }
+}

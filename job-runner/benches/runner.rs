@@ -1,0 +1,254 @@
+//! Runner throughput on real nodes, against the raw Redis Streams baseline measured on the
+//! same queue node in the same run.
+//!
+//! Run with `cargo bench -p job-runner --bench runner` (needs Docker and the `redis:7.0`
+//! image from `scripts/redis-image.sh`). It starts 5 lock nodes and a queue node, and for
+//! every scenario makes `RUNS` runs and prints the medians as a table:
+//!
+//! - **baseline**: `XADD` the jobs (pipelined), then one consumer drains them with `XREADGROUP`
+//!   (`COUNT 64`) and one `XACK` per entry, 64 at once, with no lock: the floor any Streams
+//!   job queue pays.
+//! - **noop** and **payment** jobs through the whole path (lock on 5 nodes with a fencing
+//!   token, auto-extension, handler, release, ack), with 1 and 3 `job-runner run`
+//!   processes at `-c 64`, started and idle before the jobs are enqueued; timed from the
+//!   first `XADD` to an empty queue with nothing pending. Payment jobs pay 2 000 orders in a SQLite ledger, two jobs per
+//!   order.
+//! - **peak RSS** of one runner process with 64 payment jobs in flight.
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use job_runner::{NewJob, Queue};
+use serde_json::json;
+use support::{Cluster, temp_path};
+
+const BIN: &str = env!("CARGO_BIN_EXE_job-runner");
+const RUNS: usize = 3;
+const JOBS: usize = 10_000;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn jobs(kind: &str, n: usize) -> Vec<NewJob> {
+    (0..n)
+        .map(|i| match kind {
+            "payment" => {
+                let order = (i / 2) as i64;
+                NewJob::new(
+                    "payment",
+                    format!("order:{order}"),
+                    json!({"order_id": order, "amount_cents": 100}),
+                )
+            }
+            _ => NewJob::new("noop", format!("r:{i}"), json!({})),
+        })
+        .collect()
+}
+
+async fn fill(queue: &Queue, kind: &str, n: usize) {
+    for chunk in jobs(kind, n).chunks(1000) {
+        queue.enqueue_many(chunk).await.unwrap();
+    }
+}
+
+async fn flush(url: &str) {
+    let mut c = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let () = redis::cmd("FLUSHALL").query_async(&mut c).await.unwrap();
+}
+
+/// XREADGROUP + XACK with no lock: jobs per second.
+async fn baseline(queue_url: &str) -> f64 {
+    flush(queue_url).await;
+    let queue = Queue::connect(queue_url, "base", "c").await.unwrap();
+    let started = Instant::now();
+    fill(&queue, "noop", JOBS).await;
+    let mut conn = redis::Client::open(queue_url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut done = 0;
+    while done < JOBS {
+        let got = queue.fetch(64, Duration::from_millis(100)).await.unwrap();
+        done += got.len();
+        join_all(got.iter().map(|d| {
+            let mut c = conn.clone();
+            let id = d.entry_id.clone();
+            async move {
+                let _: u64 = redis::cmd("XACK")
+                    .arg("base:jobs")
+                    .arg("base-workers")
+                    .arg(id)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+            }
+        }))
+        .await;
+        let _ = &mut conn;
+    }
+    let rate = JOBS as f64 / started.elapsed().as_secs_f64();
+    eprintln!("baseline: {rate:.0} jobs/s");
+    rate
+}
+
+fn runner(urls: &[String], ledger: &Path, name: &str, extra: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.env("JOB_RUNNER_LOCK_NODES", urls[..5].join(","))
+        .env("JOB_RUNNER_QUEUE", &urls[5])
+        .env("RUST_LOG", "error")
+        .args([
+            "run",
+            "-c",
+            "64",
+            "--metrics-addr",
+            "off",
+            "--consumer",
+            name,
+            "--ledger",
+        ])
+        .arg(ledger)
+        .args(extra)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// `processes` runners, started and idle, drain JOBS jobs of `kind` enqueued at once:
+/// jobs per second from the first `XADD` to the queue being empty with nothing pending.
+async fn full_path(urls: &[String], kind: &str, processes: usize) -> f64 {
+    flush(&urls[5]).await;
+    let ledger = temp_path("bench-ledger");
+    let queue = Queue::connect(&urls[5], "jobs", "bench").await.unwrap();
+    let mut children: Vec<_> = (0..processes)
+        .map(|i| {
+            runner(urls, &ledger, &format!("bench-{i}"), &[])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // Let every runner connect and block on its first fetch. (An empty read does not
+    // register a consumer with the group, so there is nothing to poll for.)
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = Instant::now();
+    fill(&queue, kind, JOBS).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let st = queue.stats().await.unwrap();
+        if st.depth == 0 && st.pending == 0 && st.delayed == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{kind} x{processes}: not drained: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let rate = JOBS as f64 / started.elapsed().as_secs_f64();
+    eprintln!("{kind} x{processes}: {rate:.0} jobs/s");
+    for child in &children {
+        let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    }
+    for child in &mut children {
+        let status = child.wait().await.unwrap();
+        assert!(status.success(), "runner exited with {status}");
+    }
+    let st = queue.stats().await.unwrap();
+    assert_eq!((st.depth, st.pending, st.dead), (0, 0, 0), "{st:?}");
+    if kind == "payment" {
+        let audit = job_runner::ledger::Ledger::open(&ledger)
+            .unwrap()
+            .audit()
+            .unwrap();
+        assert_eq!(audit.violations(), 0, "{audit:?}");
+        assert_eq!(audit.charged, JOBS / 2, "{audit}");
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", ledger.display()));
+    }
+    rate
+}
+
+/// Peak RSS (VmHWM) in MiB of one runner with 64 slow payment jobs in flight.
+async fn peak_rss(urls: &[String]) -> f64 {
+    flush(&urls[5]).await;
+    let ledger = temp_path("bench-rss");
+    let queue = Queue::connect(&urls[5], "jobs", "bench").await.unwrap();
+    fill(&queue, "payment", 640).await;
+    let mut child = runner(
+        urls,
+        &ledger,
+        "rss",
+        &["--once", "--gateway-latency-ms", "400"],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let status = format!("/proc/{}/status", child.id().unwrap());
+    let mut peak_kib = 0u64;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&status) {
+            for line in text.lines() {
+                if let Some(v) = line.strip_prefix("VmHWM:") {
+                    let kib: u64 = v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0);
+                    peak_kib = peak_kib.max(kib);
+                }
+            }
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = std::fs::remove_file(&ledger);
+    peak_kib as f64 / 1024.0
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let cluster = Cluster::start(6).await;
+    let urls = cluster.urls();
+    let mut base = Vec::new();
+    let mut rows: Vec<(&str, usize, Vec<f64>)> = vec![
+        ("noop", 1, Vec::new()),
+        ("noop", 3, Vec::new()),
+        ("payment", 1, Vec::new()),
+        ("payment", 3, Vec::new()),
+    ];
+    for _ in 0..RUNS {
+        base.push(baseline(&urls[5]).await);
+        for (kind, processes, rates) in rows.iter_mut() {
+            rates.push(full_path(&urls, kind, *processes).await);
+        }
+    }
+    let rss = peak_rss(&urls).await;
+    let base = median(base);
+    println!(
+        "\n{JOBS} jobs per run, median of {RUNS} runs; 5 lock nodes, fencing on, -c 64 per process\n"
+    );
+    println!("| path | processes | jobs/s | × raw Streams baseline |");
+    println!("|---|---|---|---|");
+    println!("| raw XREADGROUP + XACK, no lock | 1 | {base:.0} | 1.00 |");
+    for (kind, processes, rates) in rows {
+        let rate = median(rates);
+        println!("| {kind} | {processes} | {rate:.0} | {:.2} |", rate / base);
+    }
+    println!("\npeak RSS of one runner with 64 payment jobs in flight: {rss:.1} MiB");
+    cluster.teardown().await;
+}
