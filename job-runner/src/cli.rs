@@ -161,7 +161,7 @@ pub struct RunArgs {
     #[arg(long, env = "JOB_RUNNER_LEDGER", value_name = "FILE")]
     pub ledger: Option<PathBuf>,
     /// Turn the ledger's fencing check off, to demonstrate what it prevents. Never in production.
-    #[arg(long)]
+    #[arg(long, env = "JOB_RUNNER_UNSAFE_NO_FENCING")]
     pub unsafe_no_fencing: bool,
     /// Highest latency of the simulated payment gateway, in ms [default: 0]
     #[arg(long, env = "JOB_RUNNER_GATEWAY_LATENCY_MS")]
