@@ -23,6 +23,22 @@ use crate::queue::Queue;
 use crate::telemetry::{self, Health};
 use crate::worker::{Runner, error_chain};
 
+/// Prints a line on stdout; a closed stdout (`job-runner info | head -1`) is not an error.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// As `say!`, without the newline.
+macro_rules! say_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// Exit code: configuration error.
 pub const EX_CONFIG: i32 = 78;
 /// Exit code: a service could not be reached at startup.
@@ -362,7 +378,7 @@ pub async fn dispatch(
     match cli.command {
         Command::Run(args) => {
             if args.print_config {
-                print!("{}", settings.to_toml());
+                say_raw!("{}", settings.to_toml());
                 return Ok(0);
             }
             run(settings, args.once, shutdown).await.map(|()| 0)
@@ -379,7 +395,7 @@ pub async fn dispatch(
             let audit = Ledger::open(&path)
                 .and_then(|l| l.audit())
                 .map_err(|e| Exit::new(1, error_chain(&e)))?;
-            println!("{audit}");
+            say!("{audit}");
             Ok(if audit.violations() == 0 { 0 } else { 1 })
         }
     }
@@ -526,7 +542,7 @@ async fn enqueue(settings: &Settings, args: EnqueueArgs) -> Result<(), Exit> {
         .await
         .map_err(|e| Exit::new(1, error_chain(&e)))?;
     for id in ids {
-        println!("{id}");
+        say!("{id}");
     }
     Ok(())
 }
@@ -537,22 +553,22 @@ async fn info(settings: &Settings) -> Result<(), Exit> {
         .stats()
         .await
         .map_err(|e| Exit::new(1, error_chain(&e)))?;
-    println!(
+    say!(
         "queue     {} ({})",
         settings.queue_name,
         redact(&settings.queue)
     );
-    println!("depth     {}", st.depth);
-    println!("pending   {}", st.pending);
-    println!("delayed   {}", st.delayed);
-    println!("dead      {}", st.dead);
-    println!("consumers {}", st.consumers);
+    say!("depth     {}", st.depth);
+    say!("pending   {}", st.pending);
+    say!("delayed   {}", st.delayed);
+    say!("dead      {}", st.dead);
+    say!("consumers {}", st.consumers);
     for node in &settings.lock_nodes {
         let held = match locks_held(node).await {
             Ok(n) => n.to_string(),
             Err(e) => format!("unreachable ({e})"),
         };
-        println!("locks held on {}: {held}", redact(node));
+        say!("locks held on {}: {held}", redact(node));
     }
     Ok(())
 }
@@ -586,10 +602,10 @@ async fn dead(settings: &Settings, cmd: DeadCommand) -> Result<(), Exit> {
                 .await
                 .map_err(|e| Exit::new(1, error_chain(&e)))?;
             if entries.is_empty() {
-                println!("no dead letters");
+                say!("no dead letters");
             }
             for e in entries {
-                println!("{}  {}\n    {}", e.id, e.reason, e.raw);
+                say!("{}  {}\n    {}", e.id, e.reason, e.raw);
             }
         }
         DeadCommand::Retry { id: Some(id), .. } => {
@@ -600,7 +616,7 @@ async fn dead(settings: &Settings, cmd: DeadCommand) -> Result<(), Exit> {
             if !moved {
                 return Err(Exit::new(1, format!("no dead letter with id {id}")));
             }
-            println!("retried {id}");
+            say!("retried {id}");
         }
         DeadCommand::Retry { id: None, .. } => {
             let (mut moved, mut skipped) = (0, 0);
@@ -627,7 +643,7 @@ async fn dead(settings: &Settings, cmd: DeadCommand) -> Result<(), Exit> {
                     break;
                 }
             }
-            println!("retried {moved} dead letters, {skipped} left (not jobs)");
+            say!("retried {moved} dead letters, {skipped} left (not jobs)");
         }
     }
     Ok(())

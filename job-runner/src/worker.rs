@@ -391,6 +391,11 @@ impl Runner {
                     () = tokio::time::sleep(Duration::from_secs(1)) => inner.health.beat(),
                 }
             };
+            // Under load, one fetch per freed worker would cap throughput at the fetch
+            // round-trip rate: wait a moment so that a fetch fills several workers.
+            if slots.available_permits() + 1 < s.concurrency / 4 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
             let free = slots.available_permits() + 1;
 
             if last_promote.elapsed() >= Duration::from_millis(200) {
