@@ -19,6 +19,7 @@ use serde::Deserialize;
 use crate::handler::{Handler, HandlerError, JobContext};
 use crate::job::Job;
 use crate::ledger::{Begin, Commit, Ledger, LedgerError, Outcome, Writer, now_us};
+use crate::worker::error_chain;
 
 /// A payment job's payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -184,22 +185,13 @@ where
     let ledger = ledger.clone();
     match tokio::task::spawn_blocking(move || f(&ledger)).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) if e.is_retryable() => Err(HandlerError::transient(chain(&e))),
-        Ok(Err(e @ LedgerError::AmountMismatch { .. })) => Err(HandlerError::permanent(chain(&e))),
-        Ok(Err(e)) => Err(HandlerError::transient(chain(&e))),
+        Ok(Err(e)) if e.is_retryable() => Err(HandlerError::transient(error_chain(&e))),
+        Ok(Err(e @ LedgerError::AmountMismatch { .. })) => {
+            Err(HandlerError::permanent(error_chain(&e)))
+        }
+        Ok(Err(e)) => Err(HandlerError::transient(error_chain(&e))),
         Err(e) => Err(HandlerError::transient(format!("ledger task failed: {e}"))),
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }
 
 impl<G: Gateway> Handler for PaymentHandler<G> {

@@ -161,21 +161,13 @@ impl Queue {
     ///
     /// When the queue's Redis fails.
     pub async fn enqueue(&self, new: &NewJob) -> Result<String, QueueError> {
-        let job = Job {
-            id: format!("{:032x}", SmallRng::from_os_rng().random::<u128>()),
-            kind: new.kind.clone(),
-            resource: new.resource.clone(),
-            payload: new.payload.clone(),
-            attempt: 0,
-            enqueued_at_ms: now_ms(),
-        };
-        let raw = serde_json::to_string(&job).expect("a job serializes");
+        let (id, raw) = new_entry(new);
         let mut conn = self.conn.clone();
         let _: String = conn
             .xadd(&self.stream, "*", &[("job", raw)])
             .await
             .map_err(QueueError::on("enqueue"))?;
-        Ok(job.id)
+        Ok(id)
     }
 
     /// The consumer name this queue reads as.
@@ -192,17 +184,9 @@ impl Queue {
         let mut pipe = redis::pipe();
         let mut ids = Vec::with_capacity(jobs.len());
         for new in jobs {
-            let job = Job {
-                id: format!("{:032x}", SmallRng::from_os_rng().random::<u128>()),
-                kind: new.kind.clone(),
-                resource: new.resource.clone(),
-                payload: new.payload.clone(),
-                attempt: 0,
-                enqueued_at_ms: now_ms(),
-            };
-            let raw = serde_json::to_string(&job).expect("a job serializes");
+            let (id, raw) = new_entry(new);
             pipe.xadd(&self.stream, "*", &[("job", raw)]).ignore();
-            ids.push(job.id);
+            ids.push(id);
         }
         let mut conn = self.conn.clone();
         let () = pipe
@@ -575,6 +559,20 @@ impl std::error::Error for DeadRetryError {
             DeadRetryError::Malformed { .. } => None,
         }
     }
+}
+
+/// A new job's id and its stream entry (`job` field).
+fn new_entry(new: &NewJob) -> (String, String) {
+    let job = Job {
+        id: format!("{:032x}", SmallRng::from_os_rng().random::<u128>()),
+        kind: new.kind.clone(),
+        resource: new.resource.clone(),
+        payload: new.payload.clone(),
+        attempt: 0,
+        enqueued_at_ms: now_ms(),
+    };
+    let raw = serde_json::to_string(&job).expect("a job serializes");
+    (job.id, raw)
 }
 
 fn delivery(entry: StreamId) -> Delivery {
