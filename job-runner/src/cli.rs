@@ -155,7 +155,7 @@ pub struct RunArgs {
     /// Exit once the queue is drained (nothing waiting, delayed, pending or running).
     #[arg(long)]
     pub once: bool,
-    /// This process's consumer name [default: <hostname>-<pid>-<random>]
+    /// This process's consumer name [default: HOSTNAME-PID-RANDOM]
     #[arg(long, env = "JOB_RUNNER_CONSUMER")]
     pub consumer: Option<String>,
     /// Lock TTL in ms; locks are auto-extended while a job runs [default: 10000]
