@@ -370,6 +370,12 @@ async fn first_signal() {
 /// # Errors
 ///
 /// An [`Exit`] with the code and message to end the process with.
+///
+/// # Cancel safety
+///
+/// Resolve `shutdown` rather than dropping the future. If it is dropped anyway, locks held
+/// by running jobs or by `lock exec` are released in the background (or expire by their
+/// TTL), a `lock exec` child is killed, and unfinished jobs stay pending for another runner.
 pub async fn dispatch(
     cli: Cli,
     settings: Settings,
@@ -432,6 +438,11 @@ async fn connect_locks(settings: &Settings) -> Result<Redlock, Exit> {
 /// # Errors
 ///
 /// On a configuration error or when the queue or the ledger cannot be opened.
+///
+/// # Cancel safety
+///
+/// As [`Runner::run`]: resolve `shutdown` for a graceful stop; a dropped future leaves
+/// unfinished jobs pending and their locks released in the background.
 pub async fn run(
     settings: Settings,
     once: bool,
