@@ -29,7 +29,10 @@ use support::{Cluster, temp_path};
 
 const BIN: &str = env!("CARGO_BIN_EXE_job-runner");
 const RUNS: usize = 3;
-const JOBS: usize = 10_000;
+/// Jobs per run: 10 000, or `BENCH_JOBS`.
+fn jobs_per_run() -> usize {
+    std::env::var("BENCH_JOBS").map_or(10_000, |v| v.parse().expect("BENCH_JOBS"))
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -72,14 +75,14 @@ async fn baseline(queue_url: &str) -> f64 {
     flush(queue_url).await;
     let queue = Queue::connect(queue_url, "base", "c").await.unwrap();
     let started = Instant::now();
-    fill(&queue, "noop", JOBS).await;
+    fill(&queue, "noop", jobs_per_run()).await;
     let mut conn = redis::Client::open(queue_url)
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .unwrap();
     let mut done = 0;
-    while done < JOBS {
+    while done < jobs_per_run() {
         let got = queue.fetch(64, Duration::from_millis(100)).await.unwrap();
         done += got.len();
         join_all(got.iter().map(|d| {
@@ -98,7 +101,7 @@ async fn baseline(queue_url: &str) -> f64 {
         .await;
         let _ = &mut conn;
     }
-    let rate = JOBS as f64 / started.elapsed().as_secs_f64();
+    let rate = jobs_per_run() as f64 / started.elapsed().as_secs_f64();
     eprintln!("baseline: {rate:.0} jobs/s");
     rate
 }
@@ -125,7 +128,7 @@ fn runner(urls: &[String], ledger: &Path, name: &str, extra: &[&str]) -> tokio::
     cmd
 }
 
-/// `processes` runners, started and idle, drain JOBS jobs of `kind` enqueued at once:
+/// `processes` runners, started and idle, drain `jobs_per_run()` jobs of `kind` enqueued at once:
 /// jobs per second from the first `XADD` to the queue being empty with nothing pending.
 async fn full_path(urls: &[String], kind: &str, processes: usize) -> f64 {
     flush(&urls[5]).await;
@@ -142,7 +145,7 @@ async fn full_path(urls: &[String], kind: &str, processes: usize) -> f64 {
     // register a consumer with the group, so there is nothing to poll for.)
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let started = Instant::now();
-    fill(&queue, kind, JOBS).await;
+    fill(&queue, kind, jobs_per_run()).await;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let st = queue.stats().await.unwrap();
@@ -155,7 +158,7 @@ async fn full_path(urls: &[String], kind: &str, processes: usize) -> f64 {
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let rate = JOBS as f64 / started.elapsed().as_secs_f64();
+    let rate = jobs_per_run() as f64 / started.elapsed().as_secs_f64();
     eprintln!("{kind} x{processes}: {rate:.0} jobs/s");
     for child in &children {
         let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
@@ -173,7 +176,7 @@ async fn full_path(urls: &[String], kind: &str, processes: usize) -> f64 {
             .audit()
             .unwrap();
         assert_eq!(audit.violations(), 0, "{audit:?}");
-        assert_eq!(audit.charged, JOBS / 2, "{audit}");
+        assert_eq!(audit.charged, jobs_per_run() / 2, "{audit}");
     }
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", ledger.display()));
@@ -231,16 +234,28 @@ async fn main() {
         ("payment", 1, Vec::new()),
         ("payment", 3, Vec::new()),
     ];
+    // `BENCH_ONLY=noop:1,rss` limits the scenarios, e.g. for profiling one of them.
+    if let Ok(only) = std::env::var("BENCH_ONLY") {
+        rows.retain(|(kind, processes, _)| {
+            only.split(',')
+                .any(|o| o.trim() == format!("{kind}:{processes}"))
+        });
+    }
     for _ in 0..RUNS {
         base.push(baseline(&urls[5]).await);
         for (kind, processes, rates) in rows.iter_mut() {
             rates.push(full_path(&urls, kind, *processes).await);
         }
     }
-    let rss = peak_rss(&urls).await;
+    // With `BENCH_ONLY`, peak RSS is measured only when it lists `rss`.
+    let rss = match std::env::var("BENCH_ONLY") {
+        Ok(only) if !only.split(',').any(|o| o.trim() == "rss") => None,
+        _ => Some(peak_rss(&urls).await),
+    };
     let base = median(base);
     println!(
-        "\n{JOBS} jobs per run, median of {RUNS} runs; 5 lock nodes, fencing on, -c 64 per process\n"
+        "\n{} jobs per run, median of {RUNS} runs; 5 lock nodes, fencing on, -c 64 per process\n",
+        jobs_per_run()
     );
     println!("| path | processes | jobs/s | × raw Streams baseline |");
     println!("|---|---|---|---|");
@@ -249,6 +264,8 @@ async fn main() {
         let rate = median(rates);
         println!("| {kind} | {processes} | {rate:.0} | {:.2} |", rate / base);
     }
-    println!("\npeak RSS of one runner with 64 payment jobs in flight: {rss:.1} MiB");
+    if let Some(rss) = rss {
+        println!("\npeak RSS of one runner with 64 payment jobs in flight: {rss:.1} MiB");
+    }
     cluster.teardown().await;
 }

@@ -149,6 +149,10 @@ pub struct RunArgs {
     /// Jobs at once [default: 16]
     #[arg(short = 'c', long, env = "JOB_RUNNER_CONCURRENCY")]
     pub concurrency: Option<usize>,
+    /// Threads for async work; 1 runs everything on one thread, which is fastest for
+    /// the built-in handlers (none blocks; the ledger uses a blocking pool) [default: 1]
+    #[arg(long, env = "JOB_RUNNER_THREADS")]
+    pub threads: Option<usize>,
     /// Seconds running jobs get to finish on shutdown [default: 25]
     #[arg(short = 't', long = "timeout", env = "JOB_RUNNER_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout_secs: Option<u64>,
@@ -294,6 +298,7 @@ impl Cli {
         };
         if let Command::Run(run) = &self.command {
             o.concurrency = run.concurrency;
+            o.threads = run.threads;
             o.shutdown_timeout_secs = run.shutdown_timeout_secs;
             o.consumer = run.consumer.clone();
             o.lock_ttl_ms = run.lock_ttl_ms;

@@ -73,6 +73,8 @@ pub struct FileConfig {
     pub consumer: Option<String>,
     /// Jobs at once.
     pub concurrency: Option<usize>,
+    /// Runtime threads for async work (1: one thread).
+    pub threads: Option<usize>,
     /// Seconds running jobs get on shutdown.
     pub shutdown_timeout_secs: Option<u64>,
     /// Lock TTL in ms.
@@ -141,6 +143,8 @@ pub struct Overrides {
     pub consumer: Option<String>,
     /// `-c`.
     pub concurrency: Option<usize>,
+    /// `--threads`.
+    pub threads: Option<usize>,
     /// `-t`.
     pub shutdown_timeout_secs: Option<u64>,
     /// `--lock-ttl-ms`.
@@ -180,6 +184,9 @@ pub struct Settings {
     pub consumer: String,
     /// Jobs at once (default 16).
     pub concurrency: usize,
+    /// Threads of the async runtime (default 1: a current-thread runtime). Blocking work
+    /// (the SQLite ledger) runs on tokio's blocking pool either way.
+    pub threads: usize,
     /// Seconds running jobs get on shutdown (default 25).
     pub shutdown_timeout_secs: u64,
     /// Lock TTL in ms (default 10 000).
@@ -263,6 +270,7 @@ impl Settings {
             lock_nodes: o.lock_nodes.or(f.lock_nodes).unwrap_or_default(),
             consumer: o.consumer.or(f.consumer).unwrap_or_else(default_consumer),
             concurrency: o.concurrency.or(f.concurrency).unwrap_or(16),
+            threads: o.threads.or(f.threads).unwrap_or(1),
             shutdown_timeout_secs: o
                 .shutdown_timeout_secs
                 .or(f.shutdown_timeout_secs)
@@ -318,6 +326,12 @@ impl Settings {
             return Err(ConfigError::new(
                 "concurrency",
                 format!("must be 1..=4096, got {}", self.concurrency),
+            ));
+        }
+        if !(1..=256).contains(&self.threads) {
+            return Err(ConfigError::new(
+                "threads",
+                format!("must be 1..=256, got {}", self.threads),
             ));
         }
         if self.lock_ttl_ms < 100 {

@@ -32,6 +32,12 @@ use crate::scripts;
 /// Cheap to clone: clones share one multiplexed, self-reconnecting connection per node and
 /// one in-process wait queue per resource. Build it with [`Redlock::builder`].
 ///
+/// Each node has a driver task, spawned on the runtime that builds the client: it sends
+/// one call at once when the node is idle, and the calls that arrive while a command is in
+/// flight as one batch script after it, in the order they were made. Under load, 64 tasks
+/// locking at once cost each node one command rather than 64. Use the client on the
+/// runtime that built it; once that runtime shuts down, calls fail with a Redis error.
+///
 /// # Guarantees
 ///
 /// While a [`LockGuard`] reports validity left ([`LockGuard::validity`] is non-zero), no
@@ -611,16 +617,17 @@ impl Redlock {
             .iter()
             .enumerate()
             .map(|(i, node)| {
-                let call = node.eval(script, keys, args);
+                let call = node.eval(script, keys, args, late.as_ref());
                 async move { (i, call.await) }
             })
             .collect();
         let mut expiry = pin!(tokio::time::sleep_until(deadline));
         loop {
-            // Unconstrained by tokio's cooperative budget, so that every call reaches its
-            // connection's queue on the first poll: a call held back by the budget and sent
-            // later, from the background drain below, could land after this client's next
-            // command to that node (a release overtaken by its own acquisition).
+            // Unconstrained by tokio's cooperative budget, so that a model node's call (which
+            // starts when first polled; a Redis node's is queued when made) starts on the
+            // first poll: one held back by the budget and started later, from the background
+            // drain below, could land after this client's next command to that node (a
+            // release overtaken by its own acquisition).
             let next = tokio::task::unconstrained(select(replies.next(), expiry.as_mut()));
             match next.await {
                 Either::Left((Some((i, reply)), _)) => {
@@ -682,12 +689,12 @@ impl Redlock {
                 }
             }
         }
-        // Let the calls still unanswered finish in the background rather than drop them:
-        // redis-rs skips a queued command whose caller has gone, so a dropped call could
-        // vanish on one node while the next command to it (our own release) goes through,
-        // and a late SET would then outlive its release. Kept alive, each call keeps its
-        // place in the connection's order, and a stalled node's calls end with the grace.
+        // A Redis node's driver runs the calls still unanswered and takes back their late
+        // grants by itself. A model node's calls live in their futures: let those finish
+        // in the background rather than drop them, so that each keeps its place in the
+        // node's order, and a stalled node's calls end with the grace.
         if !replies.is_empty()
+            && nodes.iter().any(Node::needs_drain)
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             let client = self.clone();
@@ -704,7 +711,7 @@ impl Redlock {
                             let args: Vec<&dyn ToRedisArgsDyn> =
                                 values.iter().map(|v| v as &dyn ToRedisArgsDyn).collect();
                             let node = &client.inner.nodes[i];
-                            let _ = node.eval(&scripts::RELEASE, &late.keys, &args).await;
+                            let _ = node.eval(&scripts::RELEASE, &late.keys, &args, None).await;
                         }
                     }
                 },
@@ -753,7 +760,7 @@ impl Redlock {
         // (a node with AOF keeps our key across its restart).
         let retries = join_all(replies.broken.iter().map(|&i| {
             let node = &self.inner.nodes[i];
-            let call = node.eval(&scripts::RELEASE, keys, &args);
+            let call = node.eval(&scripts::RELEASE, keys, &args, None);
             async move {
                 (
                     node,

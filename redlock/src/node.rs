@@ -1,43 +1,83 @@
-//! One Redis node: a self-reconnecting, multiplexed connection with a per-command timeout.
+//! One Redis node: a self-reconnecting, multiplexed connection, and the driver that sends
+//! it the lock scripts in batches.
 
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{FromRedisValue, Script, ToRedisArgs};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind, FromRedisValue, RedisError, Script, ServerErrorKind, ToRedisArgs, Value};
+use tokio::sync::{mpsc, oneshot};
 
+use crate::client::LateGrants;
 use crate::error::{Error, NodeFailure};
 use crate::scripts;
 
-/// A lock node. All tasks of a process share its one multiplexed connection, which is what
-/// lets 64 concurrent lockers cost 64 pipelined commands rather than 64 connections.
+/// The most operations one command to a node carries.
+const MAX_BATCH: usize = 256;
+
+/// How long the driver waits for the reply to one command before failing its operations
+/// and sending the next. The callers gave up long before (each round has its own deadline);
+/// this only bounds what a node that stopped answering can hold up.
+const REPLY_GRACE: Duration = Duration::from_secs(30);
+
+/// A lock node. All tasks of a process share its one multiplexed connection and its one
+/// driver, which is what lets 64 concurrent lockers cost one command per node rather than
+/// 64 commands or 64 connections.
 #[derive(Clone)]
 pub(crate) struct Node {
     /// `host:port` for logs and errors; never contains credentials.
-    addr: std::sync::Arc<str>,
+    addr: Arc<str>,
     backend: Backend,
-}
-
-/// One prepared call, owning what it needs.
-enum Call {
-    /// The EVALSHA, the connection, and whether the script can grant a lock.
-    Redis(redis::Cmd, ConnectionManager, bool),
-    #[cfg(feature = "sim")]
-    Sim(
-        std::sync::Arc<crate::sim::SimNode>,
-        &'static Script,
-        Vec<String>,
-        Vec<String>,
-    ),
 }
 
 #[derive(Clone)]
 enum Backend {
-    Redis(ConnectionManager),
+    Redis {
+        conn: ConnectionManager,
+        /// The node's driver: every script goes through it, in the order of the calls.
+        ops: mpsc::UnboundedSender<Op>,
+    },
     /// An in-process model of a node, for the deterministic simulation.
     #[cfg(feature = "sim")]
-    Sim(std::sync::Arc<crate::sim::SimNode>),
+    Sim(Arc<crate::sim::SimNode>),
+}
+
+/// One script call queued for a node's driver.
+struct Op {
+    /// The script's number in [`scripts::all`].
+    script: usize,
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+    reply: oneshot::Sender<Result<i64, RedisError>>,
+    /// For a call that can grant a lock: whose grant it is, so that a grant for an
+    /// acquisition that is already over is taken back (or never sent).
+    late: Option<LateGrants>,
+}
+
+impl Op {
+    /// The acquisition this call could grant for is over: running it would only set a key
+    /// to take back.
+    fn moot(&self) -> bool {
+        self.late
+            .as_ref()
+            .is_some_and(|late| late.over.load(Ordering::SeqCst))
+    }
+}
+
+/// One prepared call, owning what it needs.
+enum Call {
+    /// The reply of a queued call; `None` when the driver is gone.
+    Redis(Option<oneshot::Receiver<Result<i64, RedisError>>>),
+    #[cfg(feature = "sim")]
+    Sim(
+        Arc<crate::sim::SimNode>,
+        &'static Script,
+        Vec<String>,
+        Vec<String>,
+    ),
 }
 
 impl fmt::Debug for Node {
@@ -52,7 +92,8 @@ pub(crate) type NodeIdentity = (String, i64);
 
 impl Node {
     /// Parses `url` and sets up a lazy connection: nothing is sent until the first command,
-    /// so an unreachable node does not stop the client from being built.
+    /// so an unreachable node does not stop the client from being built. The node's driver
+    /// is spawned on the current tokio runtime.
     pub(crate) fn new(
         field: &'static str,
         url: &str,
@@ -61,7 +102,7 @@ impl Node {
         let client = redis::Client::open(url)
             .map_err(|e| Error::config(field, format!("cannot use `{}`: {e}", redact(url))))?;
         let info = client.get_connection_info();
-        let addr: std::sync::Arc<str> = info.addr().to_string().into();
+        let addr: Arc<str> = info.addr().to_string().into();
         let identity = (addr.to_string(), info.redis_settings().db());
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(connect_timeout))
@@ -74,17 +115,21 @@ impl Node {
             .set_max_delay(Duration::from_secs(1));
         let conn = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|e| Error::config(field, format!("cannot use `{}`: {e}", redact(url))))?;
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| Error::config(field, "the client must be built inside a tokio runtime"))?;
+        let (ops, rx) = mpsc::unbounded_channel();
+        runtime.spawn(drive(addr.clone(), conn.clone(), rx, ops.downgrade()));
         Ok((
             Node {
                 addr,
-                backend: Backend::Redis(conn),
+                backend: Backend::Redis { conn, ops },
             },
             identity,
         ))
     }
 
     #[cfg(feature = "sim")]
-    pub(crate) fn simulated(node: std::sync::Arc<crate::sim::SimNode>) -> Node {
+    pub(crate) fn simulated(node: Arc<crate::sim::SimNode>) -> Node {
         Node {
             addr: node.name().into(),
             backend: Backend::Sim(node),
@@ -93,10 +138,17 @@ impl Node {
 
     fn redis_conn(&self) -> Option<&ConnectionManager> {
         match &self.backend {
-            Backend::Redis(conn) => Some(conn),
+            Backend::Redis { conn, .. } => Some(conn),
             #[cfg(feature = "sim")]
             Backend::Sim(_) => None,
         }
+    }
+
+    /// Whether calls whose replies a round stops waiting for must still be polled to
+    /// completion (and their late grants taken back) by the caller. A Redis node's driver
+    /// does both by itself.
+    pub(crate) fn needs_drain(&self) -> bool {
+        self.redis_conn().is_none()
     }
 
     pub(crate) fn addr(&self) -> &str {
@@ -106,69 +158,50 @@ impl Node {
     /// Runs `script` with `keys` and `args`; every script returns an integer. The caller
     /// bounds the time it may take.
     ///
-    /// The command is built before the returned future first runs, and the future owns
-    /// everything it needs, so a round can hand the replies it no longer waits for to a
-    /// background task. That matters: redis-rs skips a queued command whose caller has
-    /// gone, so dropping an unanswered call could cancel it on one node only.
-    ///
-    /// A call that can grant a lock is exactly one EVALSHA. On NOSCRIPT (a node that
-    /// restarted and lost its script cache) it fails and the scripts are reloaded in the
-    /// background, rather than loaded and retried inline, where the retry could land after
-    /// this client's next command to the node (a SET after its own release). The other
-    /// scripts only act on what is ours; they load and retry inline.
+    /// The call is queued on the node's driver before this returns, and runs whether or
+    /// not the returned future is polled or dropped: calls to a node run in the order they
+    /// were made, so a release can never overtake the acquisition it undoes. With `late`,
+    /// a grant that arrives once that acquisition is over is released by the driver, and a
+    /// call still queued by then is not sent at all.
     pub(crate) fn eval(
         &self,
         script: &'static Script,
         keys: &[String],
         args: &[&dyn ToRedisArgsDyn],
+        late: Option<&LateGrants>,
     ) -> impl Future<Output = Result<i64, NodeFailure>> + Send + 'static {
         let node = self.addr.clone();
         let call = match &self.backend {
-            Backend::Redis(conn) => {
-                let mut cmd = redis::cmd("EVALSHA");
-                cmd.arg(script.get_hash()).arg(keys.len()).arg(keys);
+            Backend::Redis { ops, .. } => {
+                let mut encoded = Vec::with_capacity(args.len());
                 for arg in args {
-                    arg.push_to(&mut cmd);
+                    arg.push_bytes(&mut encoded);
                 }
-                // Scripts that can grant a lock must never run late; see above.
-                let grants = script.get_hash() == scripts::ACQUIRE.get_hash()
-                    || script.get_hash() == scripts::HANDOFF.get_hash();
-                Call::Redis(cmd, conn.clone(), grants)
+                let (reply, rx) = oneshot::channel();
+                let op = Op {
+                    script: scripts::number(script),
+                    keys: keys.to_vec(),
+                    args: encoded,
+                    reply,
+                    late: late.cloned(),
+                };
+                Call::Redis(ops.send(op).ok().map(|()| rx))
             }
             #[cfg(feature = "sim")]
-            Backend::Sim(sim) => Call::Sim(
-                sim.clone(),
-                script,
-                keys.to_vec(),
-                args.iter().flat_map(|a| a.to_strings()).collect(),
-            ),
+            Backend::Sim(sim) => {
+                let _ = late;
+                Call::Sim(
+                    sim.clone(),
+                    script,
+                    keys.to_vec(),
+                    args.iter().flat_map(|a| a.to_strings()).collect(),
+                )
+            }
         };
         async move {
             let result = match call {
-                Call::Redis(cmd, mut conn, grants) => {
-                    let result = cmd.query_async::<i64>(&mut conn).await;
-                    match &result {
-                        Err(e)
-                            if e.kind()
-                                == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                        {
-                            if grants {
-                                // The node lost its script cache (a restart). No second
-                                // attempt: it could land after this client's next command
-                                // to the node. This call fails; the next one finds the
-                                // scripts loaded.
-                                tokio::spawn(load_scripts(conn));
-                                result
-                            } else {
-                                // Releasing, extending and raising counters only ever act
-                                // on what is ours, so a late second attempt is harmless.
-                                load_scripts(conn.clone()).await;
-                                cmd.query_async::<i64>(&mut conn).await
-                            }
-                        }
-                        _ => result,
-                    }
-                }
+                Call::Redis(Some(rx)) => rx.await.unwrap_or_else(|_| Err(driver_gone())),
+                Call::Redis(None) => Err(driver_gone()),
                 #[cfg(feature = "sim")]
                 Call::Sim(sim, script, keys, args) => sim.eval(script, &keys, &args).await,
             };
@@ -264,12 +297,7 @@ impl Node {
             return Ok(());
         };
         let mut conn = conn.clone();
-        let load = async {
-            for script in scripts::all() {
-                script.load_async(&mut conn).await?;
-            }
-            Ok::<_, redis::RedisError>(())
-        };
+        let load = load_scripts(&mut conn);
         match tokio::time::timeout(timeout, load).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => Err(NodeFailure::Redis {
@@ -284,28 +312,149 @@ impl Node {
     }
 }
 
-/// Loads every script on a node's connection (after a NOSCRIPT), best effort.
-async fn load_scripts(mut conn: ConnectionManager) {
-    for script in scripts::all() {
-        if let Err(e) = script.load_async(&mut conn).await {
-            tracing::warn!(error = %e, "could not load the lock scripts on a node");
-            return;
+/// Loads every script on a node's connection.
+async fn load_scripts(conn: &mut ConnectionManager) -> Result<(), RedisError> {
+    for script in scripts::to_load() {
+        script.load_async(conn).await?;
+    }
+    Ok(())
+}
+
+fn driver_gone() -> RedisError {
+    RedisError::from((
+        ErrorKind::Client,
+        "the node's driver has stopped (the runtime that built the client shut down)",
+    ))
+}
+
+/// A node's driver: sends the queued calls, everything queued at that moment as one
+/// command, and waits for its reply before the next (group commit). Idle, a call goes out
+/// at once; under load, the calls that arrive during one round trip share the next.
+///
+/// Being the only sender of scripts to the node is what keeps their order: a NOSCRIPT (a
+/// node that restarted and lost its script cache) is answered by loading the scripts and
+/// sending the same command again, before anything queued behind it.
+async fn drive(
+    addr: Arc<str>,
+    mut conn: ConnectionManager,
+    mut rx: mpsc::UnboundedReceiver<Op>,
+    ops: mpsc::WeakUnboundedSender<Op>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        batch.retain(|op| !op.moot());
+        if batch.is_empty() {
+            continue;
         }
+        let replies = match tokio::time::timeout(REPLY_GRACE, send(&mut conn, &batch)).await {
+            Ok(replies) => replies,
+            Err(_) => {
+                tracing::warn!(node = %addr, calls = batch.len(), "a node has not answered for {}s; failing its calls", REPLY_GRACE.as_secs());
+                let e = RedisError::from((ErrorKind::Io, "no reply from the node"));
+                vec![Err(e); batch.len()]
+            }
+        };
+        for (op, reply) in batch.drain(..).zip(replies) {
+            if let (Some(late), Ok(granted)) = (&op.late, &reply)
+                && *granted > 0
+                && op.moot()
+                && let Some(ops) = ops.upgrade()
+            {
+                // Granted after the acquisition was over: take it back, next in line.
+                let (reply, _) = oneshot::channel();
+                let _ = ops.send(Op {
+                    script: scripts::number(&scripts::RELEASE),
+                    keys: late.keys.to_vec(),
+                    args: late.values.iter().map(|v| v.as_bytes().to_vec()).collect(),
+                    reply,
+                    late: None,
+                });
+            }
+            let _ = op.reply.send(reply);
+        }
+    }
+}
+
+/// Sends `batch` as one command and returns one reply per call.
+async fn send(conn: &mut ConnectionManager, batch: &[Op]) -> Vec<Result<i64, RedisError>> {
+    let all = scripts::all();
+    let mut cmd = redis::cmd("EVALSHA");
+    if let [op] = batch {
+        cmd.arg(all[op.script - 1].get_hash())
+            .arg(op.keys.len())
+            .arg(&op.keys)
+            .arg(&op.args);
+    } else {
+        cmd.arg(scripts::BATCH.get_hash())
+            .arg(batch.iter().map(|op| op.keys.len()).sum::<usize>());
+        for op in batch {
+            cmd.arg(&op.keys);
+        }
+        cmd.arg(batch.len());
+        for op in batch {
+            cmd.arg(op.script)
+                .arg(op.keys.len())
+                .arg(op.args.len())
+                .arg(&op.args);
+        }
+    }
+    let mut reply = query(conn, &cmd).await;
+    if matches!(&reply, Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)) {
+        reply = match load_scripts(conn).await {
+            Ok(()) => query(conn, &cmd).await,
+            Err(e) => Err(e),
+        };
+    }
+    match reply {
+        Err(e) => vec![Err(e); batch.len()],
+        Ok(value) if batch.len() == 1 => vec![integer(value)],
+        Ok(Value::Array(values)) if values.len() == batch.len() => {
+            values.into_iter().map(integer).collect()
+        }
+        Ok(other) => {
+            let e = RedisError::from((
+                ErrorKind::UnexpectedReturnType,
+                "the batch script returned something else than one reply per call",
+                format!("{other:?}"),
+            ));
+            vec![Err(e); batch.len()]
+        }
+    }
+}
+
+async fn query(conn: &mut ConnectionManager, cmd: &redis::Cmd) -> Result<Value, RedisError> {
+    conn.req_packed_command(cmd).await?.extract_error()
+}
+
+/// One script's reply: an integer, or (in a batch) the error it raised, as a string.
+fn integer(value: Value) -> Result<i64, RedisError> {
+    match value {
+        Value::Int(n) => Ok(n),
+        Value::BulkString(error) => Err(RedisError::from((
+            ErrorKind::Server(ServerErrorKind::ResponseError),
+            "a lock script failed",
+            String::from_utf8_lossy(&error).into_owned(),
+        ))),
+        other => Err(RedisError::from((
+            ErrorKind::UnexpectedReturnType,
+            "a lock script returned something else than an integer",
+            format!("{other:?}"),
+        ))),
     }
 }
 
 /// An argument of a script invocation: an object-safe bridge to [`ToRedisArgs`], so one
 /// call can mix string and integer arguments.
 pub(crate) trait ToRedisArgsDyn: Sync {
-    fn push_to(&self, cmd: &mut redis::Cmd);
+    fn push_bytes(&self, out: &mut Vec<Vec<u8>>);
     /// The argument as the strings Redis would receive (for the simulated nodes).
     #[cfg(feature = "sim")]
     fn to_strings(&self) -> Vec<String>;
 }
 
 impl<T: ToRedisArgs + Sync> ToRedisArgsDyn for T {
-    fn push_to(&self, cmd: &mut redis::Cmd) {
-        cmd.arg(self);
+    fn push_bytes(&self, out: &mut Vec<Vec<u8>>) {
+        out.extend(self.to_redis_args());
     }
 
     #[cfg(feature = "sim")]

@@ -103,7 +103,7 @@ impl Redlock {
         args.extend(values.iter().map(|v| v as &dyn ToRedisArgsDyn));
         let mut any = false;
         for node in unseeded {
-            let seed = node.eval(&scripts::SEED, &keys, &args);
+            let seed = node.eval(&scripts::SEED, &keys, &args, None);
             match tokio::time::timeout(SEED_TIMEOUT, seed).await {
                 Ok(Ok(_)) => {
                     any = true;

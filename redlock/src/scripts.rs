@@ -1,25 +1,63 @@
 //! The Lua scripts that run on every node.
 //!
 //! Each script lives in its own `.lua` file whose header names KEYS, ARGV and the return
-//! value. [`redis::Script`] runs them with EVALSHA and loads them on NOSCRIPT; every node
-//! connection loads them all up front, so a round is one EVALSHA per node.
+//! value. [`redis::Script`] runs them with EVALSHA; every node connection loads them all up
+//! front, and again on NOSCRIPT. A node's driver sends one operation as its own script and
+//! several queued at once as one [`BATCH`], so a round is one EVALSHA per node, and so is
+//! a round of 64 tasks.
 
 use std::sync::LazyLock;
 
 use redis::Script;
 
-pub(crate) static ACQUIRE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/acquire.lua")));
-pub(crate) static RELEASE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/release.lua")));
-pub(crate) static EXTEND: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/extend.lua")));
-pub(crate) static HANDOFF: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/handoff.lua")));
-pub(crate) static FENCE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/fence.lua")));
-pub(crate) static SEED: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/seed.lua")));
+pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[0]));
+pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[1]));
+pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[2]));
+pub(crate) static HANDOFF: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[3]));
+pub(crate) static FENCE: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[4]));
+pub(crate) static SEED: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[5]));
+
+/// Every other script as a function of one script, which runs a batch of them in one
+/// EVALSHA: a node's driver sends everything queued for the node as one command.
+///
+/// KEYS: every operation's keys, in order. ARGV[1]: the number of operations; then per
+/// operation its script's number (1-based, in the order of [`all`]), its key count, its
+/// argument count, and its arguments. Returns one reply per operation: the script's
+/// integer, or a string with the error an operation raised (an error in one operation
+/// does not stop the others; like a script of its own, it keeps the writes made before it).
+pub(crate) static BATCH: LazyLock<Script> = LazyLock::new(|| Script::new(&batch_source()));
+
+fn batch_source() -> String {
+    let mut lua = String::from("-- fencelock: batch\nlocal scripts = {}\n");
+    for (i, body) in SOURCES.iter().enumerate() {
+        // KEYS and ARGV as parameters shadow the globals, so each body runs unchanged.
+        lua.push_str(&format!(
+            "scripts[{}] = function(KEYS, ARGV)\n{body}\nend\n",
+            i + 1
+        ));
+    }
+    lua.push_str(include_str!("scripts/batch.lua"));
+    lua
+}
+
+/// The scripts' sources, in the order of [`all`].
+const SOURCES: [&str; 6] = [
+    include_str!("scripts/acquire.lua"),
+    include_str!("scripts/release.lua"),
+    include_str!("scripts/extend.lua"),
+    include_str!("scripts/handoff.lua"),
+    include_str!("scripts/fence.lua"),
+    include_str!("scripts/seed.lua"),
+];
+
+/// The number [`BATCH`] knows `script` by.
+pub(crate) fn number(script: &Script) -> usize {
+    all()
+        .iter()
+        .position(|s| s.get_hash() == script.get_hash())
+        .expect("every script is one of `all()`")
+        + 1
+}
 
 /// The per-node key holding its restart state: when it may vote, and whether its fence
 /// counters have been seeded.
@@ -34,7 +72,12 @@ pub(crate) fn fence_key(resource: &str) -> String {
     format!("{FENCE_PREFIX}{{{resource}}}")
 }
 
-/// Every script, for loading when a connection opens.
+/// Every script but [`BATCH`], in the order [`BATCH`] numbers them.
 pub(crate) fn all() -> [&'static Script; 6] {
     [&ACQUIRE, &RELEASE, &EXTEND, &HANDOFF, &FENCE, &SEED]
+}
+
+/// Every script, for loading when a connection opens.
+pub(crate) fn to_load() -> [&'static Script; 7] {
+    [&ACQUIRE, &RELEASE, &EXTEND, &HANDOFF, &FENCE, &SEED, &BATCH]
 }

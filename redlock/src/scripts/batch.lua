@@ -1,0 +1,33 @@
+-- The dispatcher of the batch script; `scripts` (the other scripts as functions, numbered
+-- as in `scripts::all()`) is defined above it. See `scripts::BATCH` for the layout.
+--
+-- KEYS            every operation's keys, in order
+-- ARGV[1]         the number of operations
+-- ARGV[2..]       per operation: script number, key count, argument count, the arguments
+--
+-- Returns  one reply per operation: its script's integer, or the error it raised as a string
+local out = {}
+local k, a = 1, 2
+for op = 1, tonumber(ARGV[1]) do
+  local f = scripts[tonumber(ARGV[a])]
+  local nk, na = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  a = a + 3
+  local keys, argv = {}, {}
+  for i = 1, nk do
+    keys[i] = KEYS[k + i - 1]
+  end
+  for i = 1, na do
+    argv[i] = ARGV[a + i - 1]
+  end
+  k = k + nk
+  a = a + na
+  local ok, r = pcall(f, keys, argv)
+  if ok then
+    out[op] = r
+  elseif type(r) == 'table' and r.err then
+    out[op] = r.err
+  else
+    out[op] = tostring(r)
+  end
+end
+return out
