@@ -10,7 +10,7 @@
 //!   job queue pays.
 //! - **noop** and **payment** jobs through the whole path (lock on 5 nodes with a fencing
 //!   token, auto-extension, handler, release, ack), with 1 and 3 `job-runner run`
-//!   processes at `-c 64`, started and idle before the jobs are enqueued; timed from the
+//!   processes at `-c 64` (and one at `-c 128`), started and idle before the jobs are enqueued; timed from the
 //!   first `XADD` to an empty queue with nothing pending. Payment jobs pay 2 000 orders in a SQLite ledger, two jobs per
 //!   order.
 //! - **peak RSS** of one runner process with 64 payment jobs in flight.
@@ -106,7 +106,13 @@ async fn baseline(queue_url: &str) -> f64 {
     rate
 }
 
-fn runner(urls: &[String], ledger: &Path, name: &str, extra: &[&str]) -> tokio::process::Command {
+fn runner(
+    urls: &[String],
+    ledger: &Path,
+    name: &str,
+    concurrency: usize,
+    extra: &[&str],
+) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(BIN);
     cmd.env("JOB_RUNNER_LOCK_NODES", urls[..5].join(","))
         .env("JOB_RUNNER_QUEUE", &urls[5])
@@ -114,7 +120,7 @@ fn runner(urls: &[String], ledger: &Path, name: &str, extra: &[&str]) -> tokio::
         .args([
             "run",
             "-c",
-            "64",
+            &concurrency.to_string(),
             "--metrics-addr",
             "off",
             "--consumer",
@@ -130,13 +136,13 @@ fn runner(urls: &[String], ledger: &Path, name: &str, extra: &[&str]) -> tokio::
 
 /// `processes` runners, started and idle, drain `jobs_per_run()` jobs of `kind` enqueued at once:
 /// jobs per second from the first `XADD` to the queue being empty with nothing pending.
-async fn full_path(urls: &[String], kind: &str, processes: usize) -> f64 {
+async fn full_path(urls: &[String], kind: &str, processes: usize, concurrency: usize) -> f64 {
     flush(&urls[5]).await;
     let ledger = temp_path("bench-ledger");
     let queue = Queue::connect(&urls[5], "jobs", "bench").await.unwrap();
     let mut children: Vec<_> = (0..processes)
         .map(|i| {
-            runner(urls, &ledger, &format!("bench-{i}"), &[])
+            runner(urls, &ledger, &format!("bench-{i}"), concurrency, &[])
                 .spawn()
                 .unwrap()
         })
@@ -154,12 +160,12 @@ async fn full_path(urls: &[String], kind: &str, processes: usize) -> f64 {
         }
         assert!(
             Instant::now() < deadline,
-            "{kind} x{processes}: not drained: {st:?}"
+            "{kind} x{processes} -c {concurrency}: not drained: {st:?}"
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let rate = jobs_per_run() as f64 / started.elapsed().as_secs_f64();
-    eprintln!("{kind} x{processes}: {rate:.0} jobs/s");
+    eprintln!("{kind} x{processes} -c {concurrency}: {rate:.0} jobs/s");
     for child in &children {
         let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
@@ -194,6 +200,7 @@ async fn peak_rss(urls: &[String]) -> f64 {
         urls,
         &ledger,
         "rss",
+        64,
         &["--once", "--gateway-latency-ms", "400"],
     )
     .stdout(Stdio::null())
@@ -228,23 +235,26 @@ async fn main() {
     let cluster = Cluster::start(6).await;
     let urls = cluster.urls();
     let mut base = Vec::new();
-    let mut rows: Vec<(&str, usize, Vec<f64>)> = vec![
-        ("noop", 1, Vec::new()),
-        ("noop", 3, Vec::new()),
-        ("payment", 1, Vec::new()),
-        ("payment", 3, Vec::new()),
+    // (kind, processes, jobs each runs at once): the baseline runs 64 at once too; a
+    // locked job takes longer, so more of them in flight keep the nodes as busy.
+    let mut rows: Vec<(&str, usize, usize, Vec<f64>)> = vec![
+        ("noop", 1, 64, Vec::new()),
+        ("noop", 1, 128, Vec::new()),
+        ("noop", 3, 64, Vec::new()),
+        ("payment", 1, 64, Vec::new()),
+        ("payment", 3, 64, Vec::new()),
     ];
-    // `BENCH_ONLY=noop:1,rss` limits the scenarios, e.g. for profiling one of them.
+    // `BENCH_ONLY=noop:1:64,rss` limits the scenarios, e.g. for profiling one of them.
     if let Ok(only) = std::env::var("BENCH_ONLY") {
-        rows.retain(|(kind, processes, _)| {
+        rows.retain(|(kind, processes, c, _)| {
             only.split(',')
-                .any(|o| o.trim() == format!("{kind}:{processes}"))
+                .any(|o| o.trim() == format!("{kind}:{processes}:{c}"))
         });
     }
     for _ in 0..RUNS {
         base.push(baseline(&urls[5]).await);
-        for (kind, processes, rates) in rows.iter_mut() {
-            rates.push(full_path(&urls, kind, *processes).await);
+        for (kind, processes, c, rates) in rows.iter_mut() {
+            rates.push(full_path(&urls, kind, *processes, *c).await);
         }
     }
     // With `BENCH_ONLY`, peak RSS is measured only when it lists `rss`.
@@ -254,15 +264,18 @@ async fn main() {
     };
     let base = median(base);
     println!(
-        "\n{} jobs per run, median of {RUNS} runs; 5 lock nodes, fencing on, -c 64 per process\n",
+        "\n{} jobs per run, median of {RUNS} runs; 5 lock nodes, fencing on\n",
         jobs_per_run()
     );
-    println!("| path | processes | jobs/s | × raw Streams baseline |");
-    println!("|---|---|---|---|");
-    println!("| raw XREADGROUP + XACK, no lock | 1 | {base:.0} | 1.00 |");
-    for (kind, processes, rates) in rows {
+    println!("| path | processes | jobs at once per process | jobs/s | × raw Streams baseline |");
+    println!("|---|---|---|---|---|");
+    println!("| raw XREADGROUP + XACK, no lock | 1 | 64 | {base:.0} | 1.00 |");
+    for (kind, processes, c, rates) in rows {
         let rate = median(rates);
-        println!("| {kind} | {processes} | {rate:.0} | {:.2} |", rate / base);
+        println!(
+            "| {kind} | {processes} | {c} | {rate:.0} | {:.2} |",
+            rate / base
+        );
     }
     if let Some(rss) = rss {
         println!("\npeak RSS of one runner with 64 payment jobs in flight: {rss:.1} MiB");

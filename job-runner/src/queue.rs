@@ -17,6 +17,7 @@ use redis::streams::{
     StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply,
 };
 use redis::{AsyncCommands, Script};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::job::{self, Job, Malformed, NewJob};
 
@@ -79,11 +80,13 @@ pub struct Delivery {
 ///
 /// It holds two self-reconnecting connections: one for the blocking `XREADGROUP`, which
 /// would otherwise hold up every ack queued behind it on a shared connection, and one for
-/// everything else.
+/// everything else. Acks go through a task that sends those made while one `XACK` is in
+/// flight as the next `XACK`, so a busy runner acks a batch of entries per round trip.
 #[derive(Clone)]
 pub struct Queue {
     conn: ConnectionManager,
     blocking: ConnectionManager,
+    acks: mpsc::UnboundedSender<Ack>,
     stream: String,
     delayed: String,
     dead: String,
@@ -144,9 +147,12 @@ impl Queue {
         {
             return Err(QueueError::on("create group")(e));
         }
+        let (acks, rx) = mpsc::unbounded_channel();
+        tokio::spawn(ack_batches(conn.clone(), stream.clone(), group.clone(), rx));
         Ok(Queue {
             conn,
             blocking,
+            acks,
             delayed: format!("{name}:delayed"),
             dead: format!("{name}:dead"),
             stream,
@@ -278,13 +284,30 @@ impl Queue {
     /// # Errors
     ///
     /// When the queue's Redis fails; the entry then stays pending and is reclaimed later.
+    ///
+    /// # Cancel safety
+    ///
+    /// The ack is queued when the future is first polled and is sent whether or not the
+    /// future is then dropped.
     pub async fn ack(&self, entry_id: &str) -> Result<(), QueueError> {
-        let mut conn = self.conn.clone();
-        let _: u64 = conn
-            .xack(&self.stream, &self.group, &[entry_id])
-            .await
-            .map_err(QueueError::on("ack"))?;
-        Ok(())
+        let (done, rx) = oneshot::channel();
+        let sent = self.acks.send(Ack {
+            entry_id: entry_id.to_owned(),
+            done,
+        });
+        let stopped = || {
+            QueueError::on("ack")(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "the ack task has stopped (its runtime shut down)",
+            )))
+        };
+        if sent.is_err() {
+            return Err(stopped());
+        }
+        match rx.await {
+            Ok(result) => result.map_err(QueueError::on("ack")),
+            Err(_) => Err(stopped()),
+        }
     }
 
     /// Schedules `job` to run again after `delay` and retires the entry, in one step.
@@ -581,5 +604,34 @@ fn delivery(entry: StreamId) -> Delivery {
         job: job::parse(raw.as_deref()),
         raw: raw.unwrap_or_default(),
         entry_id: entry.id,
+    }
+}
+
+/// One entry to acknowledge, and who waits for it.
+struct Ack {
+    entry_id: String,
+    done: oneshot::Sender<Result<(), redis::RedisError>>,
+}
+
+/// The most entries one `XACK` carries.
+const MAX_ACK_BATCH: usize = 512;
+
+/// Sends the acks: at once when idle, and those made while an `XACK` is in flight as one
+/// `XACK` after it (group commit). Ends when every clone of the queue is gone.
+async fn ack_batches(
+    mut conn: ConnectionManager,
+    stream: String,
+    group: String,
+    mut rx: mpsc::UnboundedReceiver<Ack>,
+) {
+    let mut batch = Vec::with_capacity(64);
+    while rx.recv_many(&mut batch, MAX_ACK_BATCH).await > 0 {
+        let ids: Vec<&str> = batch.iter().map(|a| a.entry_id.as_str()).collect();
+        let result: Result<u64, _> = conn.xack(&stream, &group, &ids).await;
+        for ack in batch.drain(..) {
+            let _ = ack
+                .done
+                .send(result.as_ref().map(drop).map_err(Clone::clone));
+        }
     }
 }

@@ -12,9 +12,9 @@ use std::pin::pin;
 use futures_util::StreamExt;
 use futures_util::future::{Either, join_all, select};
 use futures_util::stream::FuturesUnordered;
+use rand::Rng;
 use rand::SeedableRng;
-use rand::TryRngCore;
-use rand::rngs::{OsRng, SmallRng};
+use rand::rngs::SmallRng;
 use redis::Script;
 use tracing::Instrument;
 
@@ -22,7 +22,7 @@ use crate::builder::RedlockBuilder;
 use crate::error::{Error, LostReason, NodeFailure};
 use crate::guard::LockGuard;
 use crate::local::{Baton, LocalTurn, Slots};
-use crate::node::{Node, ToRedisArgsDyn};
+use crate::node::{Node, Payload, ToRedisArgsDyn};
 use crate::quorum::{Decision, Tally, quorum};
 use crate::retry::RetryPolicy;
 use crate::scripts;
@@ -613,11 +613,12 @@ impl Redlock {
             broken: Vec::new(),
         };
         let mut answered = vec![false; nodes.len()];
+        let payload = Payload::new(script, keys, args);
         let mut replies: FuturesUnordered<_> = nodes
             .iter()
             .enumerate()
             .map(|(i, node)| {
-                let call = node.eval(script, keys, args, late.as_ref());
+                let call = node.eval_shared(&payload, late.as_ref());
                 async move { (i, call.await) }
             })
             .collect();
@@ -834,13 +835,12 @@ impl Redlock {
     }
 }
 
-/// 128 bits from the operating system's CSPRNG, hex-encoded: unique per acquisition and
-/// opaque, like node-redlock's and redsync's values.
+/// 128 bits from a CSPRNG (rand's thread-local ChaCha, seeded and reseeded from the
+/// operating system), hex-encoded: unique per acquisition and opaque, like node-redlock's
+/// and redsync's values. Two `getrandom` calls per acquisition cost more than the rest of
+/// the client's work for it.
 fn new_value() -> String {
-    let bits: u128 = OsRng
-        .try_next_u64()
-        .and_then(|hi| Ok((u128::from(hi) << 64) | u128::from(OsRng.try_next_u64()?)))
-        .expect("the operating system's random number generator failed");
+    let bits: u128 = rand::rng().random();
     format!("{bits:032x}")
 }
 

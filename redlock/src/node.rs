@@ -45,12 +45,37 @@ enum Backend {
     Sim(Arc<crate::sim::SimNode>),
 }
 
-/// One script call queued for a node's driver.
-struct Op {
+/// A script call, encoded once and shared by the nodes a round sends it to.
+pub(crate) struct Payload {
+    script: &'static Script,
     /// The script's number in [`scripts::all`].
-    script: usize,
+    number: usize,
     keys: Vec<String>,
     args: Vec<Vec<u8>>,
+}
+
+impl Payload {
+    pub(crate) fn new(
+        script: &'static Script,
+        keys: &[String],
+        args: &[&dyn ToRedisArgsDyn],
+    ) -> Arc<Payload> {
+        let mut encoded = Vec::with_capacity(args.len());
+        for arg in args {
+            arg.push_bytes(&mut encoded);
+        }
+        Arc::new(Payload {
+            script,
+            number: scripts::number(script),
+            keys: keys.to_vec(),
+            args: encoded,
+        })
+    }
+}
+
+/// One script call queued for a node's driver.
+struct Op {
+    call: Arc<Payload>,
     reply: oneshot::Sender<Result<i64, RedisError>>,
     /// For a call that can grant a lock: whose grant it is, so that a grant for an
     /// acquisition that is already over is taken back (or never sent).
@@ -169,19 +194,22 @@ impl Node {
         keys: &[String],
         args: &[&dyn ToRedisArgsDyn],
         late: Option<&LateGrants>,
-    ) -> impl Future<Output = Result<i64, NodeFailure>> + Send + 'static {
+    ) -> impl Future<Output = Result<i64, NodeFailure>> + Send + 'static + use<> {
+        self.eval_shared(&Payload::new(script, keys, args), late)
+    }
+
+    /// [`eval`](Self::eval) of a call encoded once for every node of a round.
+    pub(crate) fn eval_shared(
+        &self,
+        payload: &Arc<Payload>,
+        late: Option<&LateGrants>,
+    ) -> impl Future<Output = Result<i64, NodeFailure>> + Send + 'static + use<> {
         let node = self.addr.clone();
         let call = match &self.backend {
             Backend::Redis { ops, .. } => {
-                let mut encoded = Vec::with_capacity(args.len());
-                for arg in args {
-                    arg.push_bytes(&mut encoded);
-                }
                 let (reply, rx) = oneshot::channel();
                 let op = Op {
-                    script: scripts::number(script),
-                    keys: keys.to_vec(),
-                    args: encoded,
+                    call: payload.clone(),
                     reply,
                     late: late.cloned(),
                 };
@@ -192,9 +220,13 @@ impl Node {
                 let _ = late;
                 Call::Sim(
                     sim.clone(),
-                    script,
-                    keys.to_vec(),
-                    args.iter().flat_map(|a| a.to_strings()).collect(),
+                    payload.script,
+                    payload.keys.clone(),
+                    payload
+                        .args
+                        .iter()
+                        .map(|a| String::from_utf8_lossy(a).into_owned())
+                        .collect(),
                 )
             }
         };
@@ -362,10 +394,11 @@ async fn drive(
             {
                 // Granted after the acquisition was over: take it back, next in line.
                 let (reply, _) = oneshot::channel();
+                let values: Vec<&str> = late.values.iter().map(|v| &**v).collect();
+                let args: Vec<&dyn ToRedisArgsDyn> =
+                    values.iter().map(|v| v as &dyn ToRedisArgsDyn).collect();
                 let _ = ops.send(Op {
-                    script: scripts::number(&scripts::RELEASE),
-                    keys: late.keys.to_vec(),
-                    args: late.values.iter().map(|v| v.as_bytes().to_vec()).collect(),
+                    call: Payload::new(&scripts::RELEASE, &late.keys, &args),
                     reply,
                     late: None,
                 });
@@ -377,25 +410,26 @@ async fn drive(
 
 /// Sends `batch` as one command and returns one reply per call.
 async fn send(conn: &mut ConnectionManager, batch: &[Op]) -> Vec<Result<i64, RedisError>> {
-    let all = scripts::all();
     let mut cmd = redis::cmd("EVALSHA");
     if let [op] = batch {
-        cmd.arg(all[op.script - 1].get_hash())
-            .arg(op.keys.len())
-            .arg(&op.keys)
-            .arg(&op.args);
+        let call = &op.call;
+        cmd.arg(call.script.get_hash())
+            .arg(call.keys.len())
+            .arg(&call.keys)
+            .arg(&call.args);
     } else {
         cmd.arg(scripts::BATCH.get_hash())
-            .arg(batch.iter().map(|op| op.keys.len()).sum::<usize>());
+            .arg(batch.iter().map(|op| op.call.keys.len()).sum::<usize>());
         for op in batch {
-            cmd.arg(&op.keys);
+            cmd.arg(&op.call.keys);
         }
         cmd.arg(batch.len());
         for op in batch {
-            cmd.arg(op.script)
-                .arg(op.keys.len())
-                .arg(op.args.len())
-                .arg(&op.args);
+            let call = &op.call;
+            cmd.arg(call.number)
+                .arg(call.keys.len())
+                .arg(call.args.len())
+                .arg(&call.args);
         }
     }
     let mut reply = query(conn, &cmd).await;
@@ -447,22 +481,11 @@ fn integer(value: Value) -> Result<i64, RedisError> {
 /// call can mix string and integer arguments.
 pub(crate) trait ToRedisArgsDyn: Sync {
     fn push_bytes(&self, out: &mut Vec<Vec<u8>>);
-    /// The argument as the strings Redis would receive (for the simulated nodes).
-    #[cfg(feature = "sim")]
-    fn to_strings(&self) -> Vec<String>;
 }
 
 impl<T: ToRedisArgs + Sync> ToRedisArgsDyn for T {
     fn push_bytes(&self, out: &mut Vec<Vec<u8>>) {
         out.extend(self.to_redis_args());
-    }
-
-    #[cfg(feature = "sim")]
-    fn to_strings(&self) -> Vec<String> {
-        self.to_redis_args()
-            .into_iter()
-            .map(|a| String::from_utf8_lossy(&a).into_owned())
-            .collect()
     }
 }
 

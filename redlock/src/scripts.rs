@@ -10,7 +10,8 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[0]));
+pub(crate) static ACQUIRE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{PRELUDE}{}", SOURCES[0])));
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[1]));
 pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[2]));
 pub(crate) static HANDOFF: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[3]));
@@ -28,7 +29,7 @@ pub(crate) static SEED: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[
 pub(crate) static BATCH: LazyLock<Script> = LazyLock::new(|| Script::new(&batch_source()));
 
 fn batch_source() -> String {
-    let mut lua = String::from("-- fencelock: batch\nlocal scripts = {}\n");
+    let mut lua = format!("-- fencelock: batch\n{PRELUDE}local scripts = {{}}\n");
     for (i, body) in SOURCES.iter().enumerate() {
         // KEYS and ARGV as parameters shadow the globals, so each body runs unchanged.
         lua.push_str(&format!(
@@ -39,6 +40,10 @@ fn batch_source() -> String {
     lua.push_str(include_str!("scripts/batch.lua"));
     lua
 }
+
+/// Declared before the acquire script's body, on its own and once per batch: whether the
+/// node's `ready` marker was already seen in this script run.
+const PRELUDE: &str = "local ready_checked = false\n";
 
 /// The scripts' sources, in the order of [`all`].
 const SOURCES: [&str; 6] = [

@@ -32,9 +32,11 @@ if fenced then
 end
 
 -- The common case first: a node that may vote has a `ready` marker beside its state, so
--- one EXISTS decides. A restart without data loses both.
+-- one EXISTS decides. A restart without data loses both. `ready_checked` (declared before
+-- this script's body) remembers a positive check for the rest of a batch: nothing in one
+-- script run can remove the marker.
 local ready = node .. ':ready'
-if redis.call('EXISTS', ready) == 0 then
+if not ready_checked and redis.call('EXISTS', ready) == 0 then
   local state = redis.call('HMGET', node, 'vote_after', 'seeded')
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -50,6 +52,7 @@ if redis.call('EXISTS', ready) == 0 then
   end
   redis.call('SET', ready, 1)
 end
+ready_checked = true
 
 if n == 1 then
   -- One key: SET NX is the check and the write in one command.
@@ -67,7 +70,10 @@ else
   end
 end
 local token = 1
-if fenced then
+if fenced and n == 1 then
+  -- One counter: INCR is the read and the write in one command.
+  token = redis.call('INCR', KEYS[2])
+elseif fenced then
   local highest = 0
   for i = n + 1, 2 * n do
     local f = tonumber(redis.call('GET', KEYS[i]) or '0')
