@@ -4,7 +4,7 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -17,6 +17,11 @@ use crate::scripts;
 
 /// The most operations one command to a node carries.
 const MAX_BATCH: usize = 256;
+
+/// The most calls that may wait for a node's driver. A node that stops answering holds
+/// up its driver until [`REPLY_GRACE`]; meanwhile further calls fail at once, as if the
+/// node were down, rather than pile up in memory.
+const MAX_BACKLOG: usize = 16_384;
 
 /// How long the driver waits for the reply to one command before failing its operations
 /// and sending the next. The callers gave up long before (each round has its own deadline);
@@ -39,6 +44,8 @@ enum Backend {
         conn: ConnectionManager,
         /// The node's driver: every script goes through it, in the order of the calls.
         ops: mpsc::UnboundedSender<Op>,
+        /// Calls queued for the driver and not yet taken: bounded by [`MAX_BACKLOG`].
+        backlog: Arc<AtomicUsize>,
     },
     /// An in-process model of a node, for the deterministic simulation.
     #[cfg(feature = "sim")]
@@ -96,6 +103,8 @@ impl Op {
 enum Call {
     /// The reply of a queued call; `None` when the driver is gone.
     Redis(Option<oneshot::Receiver<Result<i64, RedisError>>>),
+    /// Refused before it was queued.
+    Failed(RedisError),
     #[cfg(feature = "sim")]
     Sim(
         Arc<crate::sim::SimNode>,
@@ -143,11 +152,18 @@ impl Node {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| Error::config(field, "the client must be built inside a tokio runtime"))?;
         let (ops, rx) = mpsc::unbounded_channel();
-        runtime.spawn(drive(addr.clone(), conn.clone(), rx, ops.downgrade()));
+        let backlog = Arc::new(AtomicUsize::new(0));
+        runtime.spawn(drive(
+            addr.clone(),
+            conn.clone(),
+            rx,
+            ops.downgrade(),
+            backlog.clone(),
+        ));
         Ok((
             Node {
                 addr,
-                backend: Backend::Redis { conn, ops },
+                backend: Backend::Redis { conn, ops, backlog },
             },
             identity,
         ))
@@ -206,14 +222,22 @@ impl Node {
     ) -> impl Future<Output = Result<i64, NodeFailure>> + Send + 'static + use<> {
         let node = self.addr.clone();
         let call = match &self.backend {
-            Backend::Redis { ops, .. } => {
-                let (reply, rx) = oneshot::channel();
-                let op = Op {
-                    call: payload.clone(),
-                    reply,
-                    late: late.cloned(),
-                };
-                Call::Redis(ops.send(op).ok().map(|()| rx))
+            Backend::Redis { ops, backlog, .. } => {
+                if backlog.fetch_add(1, Ordering::Relaxed) >= MAX_BACKLOG {
+                    backlog.fetch_sub(1, Ordering::Relaxed);
+                    Call::Failed(RedisError::from((
+                        ErrorKind::Io,
+                        "too many calls waiting for this node (it has stopped answering)",
+                    )))
+                } else {
+                    let (reply, rx) = oneshot::channel();
+                    let op = Op {
+                        call: payload.clone(),
+                        reply,
+                        late: late.cloned(),
+                    };
+                    Call::Redis(ops.send(op).ok().map(|()| rx))
+                }
             }
             #[cfg(feature = "sim")]
             Backend::Sim(sim) => {
@@ -234,6 +258,7 @@ impl Node {
             let result = match call {
                 Call::Redis(Some(rx)) => rx.await.unwrap_or_else(|_| Err(driver_gone())),
                 Call::Redis(None) => Err(driver_gone()),
+                Call::Failed(e) => Err(e),
                 #[cfg(feature = "sim")]
                 Call::Sim(sim, script, keys, args) => sim.eval(script, &keys, &args).await,
             };
@@ -371,10 +396,18 @@ async fn drive(
     mut conn: ConnectionManager,
     mut rx: mpsc::UnboundedReceiver<Op>,
     ops: mpsc::WeakUnboundedSender<Op>,
+    backlog: Arc<AtomicUsize>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        batch.retain(|op| !op.moot());
+        backlog.fetch_sub(batch.len(), Ordering::Relaxed);
+        // Never sent, so never granted: nothing to take back.
+        for op in batch.extract_if(.., |op| op.moot()) {
+            let _ = op.reply.send(Err(RedisError::from((
+                ErrorKind::Client,
+                "not sent: the acquisition had already ended",
+            ))));
+        }
         if batch.is_empty() {
             continue;
         }
@@ -394,6 +427,7 @@ async fn drive(
             {
                 // Granted after the acquisition was over: take it back, next in line.
                 let (reply, _) = oneshot::channel();
+                backlog.fetch_add(1, Ordering::Relaxed);
                 let values: Vec<&str> = late.values.iter().map(|v| &**v).collect();
                 let args: Vec<&dyn ToRedisArgsDyn> =
                     values.iter().map(|v| v as &dyn ToRedisArgsDyn).collect();
