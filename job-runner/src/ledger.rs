@@ -18,6 +18,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
+/// How long a ledger call waits for other processes' writes.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS orders (
     order_id     INTEGER PRIMARY KEY,
@@ -278,10 +281,28 @@ impl Ledger {
         let conn = Connection::open(&path)?;
         // Several runner processes share the file: WAL lets readers and one writer work
         // at once, and the busy timeout waits out the other writers instead of failing.
-        conn.busy_timeout(Duration::from_secs(10))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.execute_batch(SCHEMA)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        // Switching a new file to WAL can fail with SQLITE_BUSY without the busy handler
+        // ever being asked (SQLite does that where waiting could deadlock), which two
+        // runners starting at once on a new ledger hit: retry it for as long.
+        let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+        loop {
+            let setup = conn
+                .pragma_update(None, "journal_mode", "WAL")
+                .and_then(|()| conn.pragma_update(None, "synchronous", "NORMAL"))
+                .and_then(|()| conn.execute_batch(SCHEMA));
+            match setup {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if matches!(
+                        e.code,
+                        rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                    ) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                other => break other?,
+            }
+        }
         Ok(Ledger {
             inner: Arc::new(Inner {
                 conn: Mutex::new(conn),
@@ -684,6 +705,35 @@ mod tests {
             rand::random::<u64>()
         ));
         (Ledger::open_with(&path, fencing).unwrap(), path)
+    }
+
+    #[test]
+    fn runners_opening_a_new_ledger_at_once_all_start() {
+        for round in 0..20 {
+            let path = std::env::temp_dir().join(format!(
+                "ledger-open-{}-{round}-{}.db",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            let start = Arc::new(std::sync::Barrier::new(8));
+            let opened: Vec<_> = (0..8)
+                .map(|_| {
+                    let (path, start) = (path.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        Ledger::open(&path).map(drop)
+                    })
+                })
+                .collect();
+            for open in opened {
+                if let Err(e) = open.join().unwrap() {
+                    panic!("round {round}: {e}: {:?}", std::error::Error::source(&e));
+                }
+            }
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+            }
+        }
     }
 
     #[test]
