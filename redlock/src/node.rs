@@ -343,12 +343,8 @@ impl Node {
         }
     }
 
-    /// Opens the connection and loads the scripts now rather than on the first lock.
-    ///
-    /// Loading matters beyond latency: a round decided at quorum drops the replies still in
-    /// flight, and a command already sent still runs on its node, but a NOSCRIPT reply would
-    /// need a second step that a dropped future never takes. With the scripts loaded, one
-    /// EVALSHA per node is the whole operation.
+    /// Opens the connection and loads the scripts now rather than on the first lock, so that
+    /// the first rounds do not each wait for a NOSCRIPT, a reload and a resend in the driver.
     pub(crate) async fn warm_up(&self, timeout: Duration) -> Result<(), NodeFailure> {
         let Some(conn) = self.redis_conn() else {
             return Ok(());
