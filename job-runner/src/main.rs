@@ -36,7 +36,8 @@ fn main() {
             }
         }
     });
-    // Do not wait for background tasks (the straggler drains of the lock client).
+    // Give background work (a dropped guard's release, the lock nodes' and the acks'
+    // driver tasks) a moment, but never hang the exit on it.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     std::process::exit(code);
 }
