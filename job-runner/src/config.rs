@@ -468,8 +468,22 @@ mod tests {
             concurrency: Some(4),
             ..Overrides::default()
         };
-        let s = Settings::resolve(o, file).unwrap();
+        let s = Settings::resolve(o, file.clone()).unwrap();
         assert_eq!(s.concurrency, 4);
+        assert_eq!(s.threads, 1, "one runtime thread by default");
+        let threads = |o: Option<usize>, f: Option<usize>| {
+            let file = FileConfig {
+                threads: f,
+                ..file.clone()
+            };
+            let o = Overrides {
+                threads: o,
+                ..Overrides::default()
+            };
+            Settings::resolve(o, file).unwrap().threads
+        };
+        assert_eq!(threads(None, Some(2)), 2);
+        assert_eq!(threads(Some(3), Some(2)), 3);
         assert_eq!(s.queue_name, "from-file");
         assert_eq!(s.max_attempts, 5);
     }
@@ -510,6 +524,16 @@ mod tests {
                 FileConfig::default()
             ),
             "concurrency"
+        );
+        assert_eq!(
+            bad(
+                Overrides::default(),
+                FileConfig {
+                    threads: Some(0),
+                    ..FileConfig::default()
+                }
+            ),
+            "threads"
         );
         assert_eq!(
             bad(

@@ -3,8 +3,8 @@
 //! Each script lives in its own `.lua` file whose header names KEYS, ARGV and the return
 //! value. [`redis::Script`] runs them with EVALSHA; every node connection loads them all up
 //! front, and again on NOSCRIPT. A node's driver sends one operation as its own script and
-//! several queued at once as one [`BATCH`], so a round is one EVALSHA per node, and so is
-//! a round of 64 tasks.
+//! several queued at once as one [`BATCH`], so a round is one EVALSHA per node and
+//! concurrent rounds share theirs.
 
 use std::sync::LazyLock;
 
