@@ -2,8 +2,9 @@
 //! same queue node in the same run.
 //!
 //! Run with `cargo bench -p job-runner --bench runner` (needs Docker and the `redis:7.0`
-//! image from `scripts/redis-image.sh`). It starts 5 lock nodes and a queue node, and for
-//! every scenario makes `RUNS` runs and prints the medians as a table:
+//! image from `scripts/redis-image.sh`). It starts 5 lock nodes and a queue node, makes one
+//! untimed warm-up pass, and then for every scenario makes `RUNS` runs, each right after a
+//! baseline run of its own, and prints the medians as a table:
 //!
 //! - **baseline**: `XADD` the jobs (pipelined), then one consumer drains them with `XREADGROUP`
 //!   (`COUNT 64`) and one `XACK` per entry, 64 at once, with no lock: the floor any Streams
@@ -32,6 +33,16 @@ const RUNS: usize = 3;
 /// Jobs per run: 10 000, or `BENCH_JOBS`.
 fn jobs_per_run() -> usize {
     std::env::var("BENCH_JOBS").map_or(10_000, |v| v.parse().expect("BENCH_JOBS"))
+}
+
+/// One scenario of the table, and what its runs measured.
+struct Row {
+    kind: &'static str,
+    processes: usize,
+    concurrency: usize,
+    rates: Vec<f64>,
+    /// Each run's rate over the baseline measured just before it.
+    ratios: Vec<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -234,27 +245,48 @@ async fn main() {
     }
     let cluster = Cluster::start(6).await;
     let urls = cluster.urls();
-    let mut base = Vec::new();
     // (kind, processes, jobs each runs at once): the baseline runs 64 at once too; a
     // locked job takes longer, so more of them in flight keep the nodes as busy.
-    let mut rows: Vec<(&str, usize, usize, Vec<f64>)> = vec![
-        ("noop", 1, 64, Vec::new()),
-        ("noop", 1, 128, Vec::new()),
-        ("noop", 3, 64, Vec::new()),
-        ("payment", 1, 64, Vec::new()),
-        ("payment", 3, 64, Vec::new()),
-    ];
+    let mut rows: Vec<Row> = [
+        ("noop", 1, 64),
+        ("noop", 1, 128),
+        ("noop", 3, 64),
+        ("payment", 1, 64),
+        ("payment", 3, 64),
+    ]
+    .into_iter()
+    .map(|(kind, processes, concurrency)| Row {
+        kind,
+        processes,
+        concurrency,
+        rates: Vec::new(),
+        ratios: Vec::new(),
+    })
+    .collect();
     // `BENCH_ONLY=noop:1:64,rss` limits the scenarios, e.g. for profiling one of them.
     if let Ok(only) = std::env::var("BENCH_ONLY") {
-        rows.retain(|(kind, processes, c, _)| {
+        rows.retain(|r| {
             only.split(',')
-                .any(|o| o.trim() == format!("{kind}:{processes}:{c}"))
+                .any(|o| o.trim() == format!("{}:{}:{}", r.kind, r.processes, r.concurrency))
         });
     }
-    for _ in 0..RUNS {
-        base.push(baseline(&urls[5]).await);
-        for (kind, processes, c, rates) in rows.iter_mut() {
-            rates.push(full_path(&urls, kind, *processes, *c).await);
+    // One untimed pass first: the first runs after the containers start are slower for
+    // the baseline and the runner alike, and would only widen the spread.
+    eprintln!("warm-up");
+    baseline(&urls[5]).await;
+    full_path(&urls, "noop", 1, 64).await;
+    // The machine's speed drifts from minute to minute (the baseline alone moves by a
+    // third), so each measurement is paired with a baseline taken just before it, and a
+    // row's ratio is the median of its runs' ratios.
+    let mut base = Vec::new();
+    for run in 1..=RUNS {
+        eprintln!("run {run}/{RUNS}");
+        for row in rows.iter_mut() {
+            let b = baseline(&urls[5]).await;
+            let rate = full_path(&urls, row.kind, row.processes, row.concurrency).await;
+            base.push(b);
+            row.rates.push(rate);
+            row.ratios.push(rate / b);
         }
     }
     // With `BENCH_ONLY`, peak RSS is measured only when it lists `rss`.
@@ -262,19 +294,27 @@ async fn main() {
         Ok(only) if !only.split(',').any(|o| o.trim() == "rss") => None,
         _ => Some(peak_rss(&urls).await),
     };
-    let base = median(base);
     println!(
-        "\n{} jobs per run, median of {RUNS} runs; 5 lock nodes, fencing on\n",
+        "\n{} jobs per run, medians of {RUNS} runs; 5 lock nodes, fencing on; each run of a row \
+         is paired with a baseline run just before it\n",
         jobs_per_run()
     );
-    println!("| path | processes | jobs at once per process | jobs/s | × raw Streams baseline |");
+    println!(
+        "| path | processes | jobs at once per process | jobs/s | × raw Streams baseline (median of paired runs) |"
+    );
     println!("|---|---|---|---|---|");
-    println!("| raw XREADGROUP + XACK, no lock | 1 | 64 | {base:.0} | 1.00 |");
-    for (kind, processes, c, rates) in rows {
-        let rate = median(rates);
+    if !base.is_empty() {
+        let base = median(base);
+        println!("| raw XREADGROUP + XACK, no lock | 1 | 64 | {base:.0} | 1.00 |");
+    }
+    for row in rows {
         println!(
-            "| {kind} | {processes} | {c} | {rate:.0} | {:.2} |",
-            rate / base
+            "| {} | {} | {} | {:.0} | {:.2} |",
+            row.kind,
+            row.processes,
+            row.concurrency,
+            median(row.rates),
+            median(row.ratios)
         );
     }
     if let Some(rss) = rss {
