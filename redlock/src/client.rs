@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use std::pin::pin;
+use std::future::{Future, poll_fn};
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll};
 
-use futures_util::StreamExt;
-use futures_util::future::{Either, join_all, select};
-use futures_util::stream::FuturesUnordered;
+use futures_util::future::{Either, join_all};
 use rand::Rng;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
@@ -22,7 +22,7 @@ use crate::builder::RedlockBuilder;
 use crate::error::{Error, LostReason, NodeFailure};
 use crate::guard::LockGuard;
 use crate::local::{Baton, LocalTurn, Slots};
-use crate::node::{Node, Payload, ToRedisArgsDyn};
+use crate::node::{Node, Payload, Reply, ToRedisArgsDyn};
 use crate::quorum::{Decision, Tally, quorum};
 use crate::retry::RetryPolicy;
 use crate::scripts;
@@ -137,7 +137,8 @@ impl Drop for PendingCleanup<'_> {
 pub(crate) struct LateGrants {
     pub(crate) over: Arc<AtomicBool>,
     pub(crate) keys: Arc<[String]>,
-    pub(crate) values: Vec<Arc<str>>,
+    /// Shared, since every node's queued call holds a copy.
+    pub(crate) values: Arc<[Arc<str>]>,
 }
 
 /// When a round stops waiting for replies (before its deadline).
@@ -151,6 +152,30 @@ pub(crate) enum Until {
 
 /// How long calls a round no longer waits for may still finish in the background.
 const STRAGGLER_GRACE: Duration = Duration::from_secs(30);
+
+/// The first reply in among the calls still out, with its node's index, emptying its slot;
+/// `None` once every slot is empty. A round has one call per node, so scanning them all
+/// on each wake-up costs less than the per-call allocations a `FuturesUnordered` makes.
+fn next_reply(
+    calls: &mut [Option<Reply>],
+    cx: &mut Context<'_>,
+) -> Poll<Option<(usize, Result<i64, NodeFailure>)>> {
+    let mut out = false;
+    for (i, slot) in calls.iter_mut().enumerate() {
+        if let Some(call) = slot {
+            if let Poll::Ready(reply) = Pin::new(call).poll(cx) {
+                *slot = None;
+                return Poll::Ready(Some((i, reply)));
+            }
+            out = true;
+        }
+    }
+    if out {
+        Poll::Pending
+    } else {
+        Poll::Ready(None)
+    }
+}
 
 /// The replies of one round.
 #[derive(Debug)]
@@ -484,7 +509,7 @@ impl Redlock {
                 Until::Decided(Some(LateGrants {
                     over: over.clone(),
                     keys: keys.clone(),
-                    values: values.clone(),
+                    values: values.as_slice().into(),
                 })),
             )
             .await;
@@ -612,15 +637,12 @@ impl Redlock {
             unseeded: 0,
             broken: Vec::new(),
         };
-        let mut answered = vec![false; nodes.len()];
         let payload = Payload::new(script, keys, args);
-        let mut replies: FuturesUnordered<_> = nodes
+        // One slot per node, emptied when its reply is in: nodes still `Some` when the
+        // round ends have not answered.
+        let mut calls: Vec<Option<Reply>> = nodes
             .iter()
-            .enumerate()
-            .map(|(i, node)| {
-                let call = node.eval_shared(&payload, late.as_ref());
-                async move { (i, call.await) }
-            })
+            .map(|node| Some(node.eval_shared(&payload, late.as_ref())))
             .collect();
         let mut expiry = pin!(tokio::time::sleep_until(deadline));
         loop {
@@ -629,10 +651,12 @@ impl Redlock {
             // first poll: one held back by the budget and started later, from the background
             // drain below, could land after this client's next command to that node (a
             // release overtaken by its own acquisition).
-            let next = tokio::task::unconstrained(select(replies.next(), expiry.as_mut()));
+            let next = tokio::task::unconstrained(poll_fn(|cx| match next_reply(&mut calls, cx) {
+                Poll::Ready(reply) => Poll::Ready(Either::Left(reply)),
+                Poll::Pending => expiry.as_mut().poll(cx).map(Either::Right),
+            }));
             match next.await {
-                Either::Left((Some((i, reply)), _)) => {
-                    answered[i] = true;
+                Either::Left(Some((i, reply))) => {
                     let node = nodes[i].addr();
                     let outcome = match reply {
                         Ok(n) if n > 0 => {
@@ -677,9 +701,9 @@ impl Redlock {
                         break;
                     }
                 }
-                Either::Left((None, _)) => break,
-                Either::Right(((), _)) => {
-                    for (node, _) in nodes.iter().zip(&answered).filter(|(_, a)| !**a) {
+                Either::Left(None) => break,
+                Either::Right(()) => {
+                    for (node, _) in nodes.iter().zip(&calls).filter(|(_, c)| c.is_some()) {
                         out.tally.failed += 1;
                         out.failures.push(NodeFailure::Timeout {
                             node: node.addr().to_owned(),
@@ -694,7 +718,7 @@ impl Redlock {
         // grants by itself. A model node's calls live in their futures: let those finish
         // in the background rather than drop them, so that each keeps its place in the
         // node's order, and a stalled node's calls end with the grace.
-        if !replies.is_empty()
+        if calls.iter().any(Option::is_some)
             && nodes.iter().any(Node::needs_drain)
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
@@ -702,7 +726,7 @@ impl Redlock {
             runtime.spawn(tokio::time::timeout_at(
                 deadline + STRAGGLER_GRACE,
                 async move {
-                    while let Some((i, reply)) = replies.next().await {
+                    while let Some((i, reply)) = poll_fn(|cx| next_reply(&mut calls, cx)).await {
                         if let (Some(late), Ok(granted)) = (&late, reply)
                             && granted > 0
                             && late.over.load(Ordering::SeqCst)

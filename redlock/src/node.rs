@@ -99,19 +99,50 @@ impl Op {
     }
 }
 
-/// One prepared call, owning what it needs.
-enum Call {
-    /// The reply of a queued call; `None` when the driver is gone.
-    Redis(Option<oneshot::Receiver<Result<i64, RedisError>>>),
-    /// Refused before it was queued.
-    Failed(RedisError),
+/// The reply of one call to one node: a future that borrows nothing, so a round can keep
+/// its calls in a plain `Vec` and poll them in place, with no allocation per call.
+pub(crate) struct Reply {
+    node: Arc<str>,
+    state: ReplyState,
+}
+
+enum ReplyState {
+    /// Queued on the node's driver; the channel closes if the driver is gone.
+    Queued(oneshot::Receiver<Result<i64, RedisError>>),
+    /// Refused before it was queued (taken by the first poll).
+    Refused(Option<RedisError>),
     #[cfg(feature = "sim")]
-    Sim(
-        Arc<crate::sim::SimNode>,
-        &'static Script,
-        Vec<String>,
-        Vec<String>,
-    ),
+    Sim(std::pin::Pin<Box<dyn Future<Output = Result<i64, RedisError>> + Send>>),
+}
+
+impl Future for Reply {
+    type Output = Result<i64, NodeFailure>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let this = &mut *self;
+        let result = match &mut this.state {
+            ReplyState::Queued(rx) => match std::pin::Pin::new(rx).poll(cx) {
+                Poll::Ready(reply) => reply.unwrap_or_else(|_| Err(driver_gone())),
+                Poll::Pending => return Poll::Pending,
+            },
+            ReplyState::Refused(error) => Err(error.take().unwrap_or_else(|| {
+                RedisError::from((ErrorKind::Client, "a node reply was polled after it ended"))
+            })),
+            #[cfg(feature = "sim")]
+            ReplyState::Sim(call) => match call.as_mut().poll(cx) {
+                Poll::Ready(reply) => reply,
+                Poll::Pending => return Poll::Pending,
+            },
+        };
+        Poll::Ready(result.map_err(|error| NodeFailure::Redis {
+            node: this.node.to_string(),
+            error,
+        }))
+    }
 }
 
 impl fmt::Debug for Node {
@@ -210,25 +241,20 @@ impl Node {
         keys: &[String],
         args: &[&dyn ToRedisArgsDyn],
         late: Option<&LateGrants>,
-    ) -> impl Future<Output = Result<i64, NodeFailure>> + Send + 'static + use<> {
+    ) -> Reply {
         self.eval_shared(&Payload::new(script, keys, args), late)
     }
 
     /// [`eval`](Self::eval) of a call encoded once for every node of a round.
-    pub(crate) fn eval_shared(
-        &self,
-        payload: &Arc<Payload>,
-        late: Option<&LateGrants>,
-    ) -> impl Future<Output = Result<i64, NodeFailure>> + Send + 'static + use<> {
-        let node = self.addr.clone();
-        let call = match &self.backend {
+    pub(crate) fn eval_shared(&self, payload: &Arc<Payload>, late: Option<&LateGrants>) -> Reply {
+        let state = match &self.backend {
             Backend::Redis { ops, backlog, .. } => {
                 if backlog.fetch_add(1, Ordering::Relaxed) >= MAX_BACKLOG {
                     backlog.fetch_sub(1, Ordering::Relaxed);
-                    Call::Failed(RedisError::from((
+                    ReplyState::Refused(Some(RedisError::from((
                         ErrorKind::Io,
                         "too many calls waiting for this node (it has stopped answering)",
-                    )))
+                    ))))
                 } else {
                     let (reply, rx) = oneshot::channel();
                     let op = Op {
@@ -236,36 +262,30 @@ impl Node {
                         reply,
                         late: late.cloned(),
                     };
-                    Call::Redis(ops.send(op).ok().map(|()| rx))
+                    match ops.send(op) {
+                        Ok(()) => ReplyState::Queued(rx),
+                        Err(_) => ReplyState::Refused(Some(driver_gone())),
+                    }
                 }
             }
             #[cfg(feature = "sim")]
             Backend::Sim(sim) => {
                 let _ = late;
-                Call::Sim(
-                    sim.clone(),
-                    payload.script,
-                    payload.keys.clone(),
-                    payload
-                        .args
-                        .iter()
-                        .map(|a| String::from_utf8_lossy(a).into_owned())
-                        .collect(),
-                )
+                let (sim, script, keys) = (sim.clone(), payload.script, payload.keys.clone());
+                let args: Vec<String> = payload
+                    .args
+                    .iter()
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                // Starts when first polled, like the model node's own future.
+                ReplyState::Sim(Box::pin(
+                    async move { sim.eval(script, &keys, &args).await },
+                ))
             }
         };
-        async move {
-            let result = match call {
-                Call::Redis(Some(rx)) => rx.await.unwrap_or_else(|_| Err(driver_gone())),
-                Call::Redis(None) => Err(driver_gone()),
-                Call::Failed(e) => Err(e),
-                #[cfg(feature = "sim")]
-                Call::Sim(sim, script, keys, args) => sim.eval(script, &keys, &args).await,
-            };
-            result.map_err(|error| NodeFailure::Redis {
-                node: node.to_string(),
-                error,
-            })
+        Reply {
+            node: self.addr.clone(),
+            state,
         }
     }
 
