@@ -194,6 +194,27 @@ where
     }
 }
 
+/// This holder's attempt at an order, owned, so each blocking ledger call can take a copy:
+/// what every write records beside its outcome.
+#[derive(Clone)]
+struct Attempt {
+    token: u64,
+    worker: Arc<str>,
+    job_id: Arc<str>,
+    started_us: i64,
+}
+
+impl Attempt {
+    fn writer(&self) -> Writer<'_> {
+        Writer {
+            token: self.token,
+            worker: &self.worker,
+            job_id: &self.job_id,
+            started_us: self.started_us,
+        }
+    }
+}
+
 impl<G: Gateway> Handler for PaymentHandler<G> {
     async fn handle(&self, job: &Job, ctx: JobContext) -> Result<(), HandlerError> {
         let payment: Payment = serde_json::from_value(job.payload.clone()).map_err(|e| {
@@ -207,24 +228,18 @@ impl<G: Gateway> Handler for PaymentHandler<G> {
                 payment.amount_cents
             )));
         }
-        let started_us = now_us();
         let token = ctx.fencing_token;
-        let worker: Arc<str> = ctx.worker.clone();
-        let job_id: Arc<str> = job.id.as_str().into();
+        let attempt = Attempt {
+            token,
+            worker: ctx.worker.clone(),
+            job_id: job.id.as_str().into(),
+            started_us: now_us(),
+        };
 
         let begin = {
-            let (worker, job_id) = (worker.clone(), job_id.clone());
+            let attempt = attempt.clone();
             blocking(&self.ledger, move |l| {
-                l.begin(
-                    payment.order_id,
-                    payment.amount_cents,
-                    Writer {
-                        token,
-                        worker: &worker,
-                        job_id: &job_id,
-                        started_us,
-                    },
-                )
+                l.begin(payment.order_id, payment.amount_cents, attempt.writer())
             })
             .await?
         };
@@ -257,18 +272,9 @@ impl<G: Gateway> Handler for PaymentHandler<G> {
         let charge_id = match charged {
             Ok(id) => id,
             Err(e) => {
-                let (worker, job_id) = (worker.clone(), job_id.clone());
+                let attempt = attempt.clone();
                 blocking(&self.ledger, move |l| {
-                    l.record(
-                        payment.order_id,
-                        Writer {
-                            token,
-                            worker: &worker,
-                            job_id: &job_id,
-                            started_us,
-                        },
-                        Outcome::GatewayFailed,
-                    )
+                    l.record(payment.order_id, attempt.writer(), Outcome::GatewayFailed)
                 })
                 .await?;
                 return Err(if e.transient {
@@ -279,16 +285,7 @@ impl<G: Gateway> Handler for PaymentHandler<G> {
             }
         };
         let commit = blocking(&self.ledger, move |l| {
-            l.commit(
-                payment.order_id,
-                &charge_id,
-                Writer {
-                    token,
-                    worker: &worker,
-                    job_id: &job_id,
-                    started_us,
-                },
-            )
+            l.commit(payment.order_id, &charge_id, attempt.writer())
         })
         .await?;
         match commit {
