@@ -110,3 +110,65 @@ async fn a_failing_call_does_not_fail_its_batch() {
     cluster.assert_no_keys().await;
     cluster.teardown().await;
 }
+
+/// One batch mixing calls of different shapes (single-key releases with one argument,
+/// three-key fenced acquisitions with seven keys and four arguments): each call sees only
+/// its own keys and arguments, whatever ran before it in the batch.
+#[tokio::test(flavor = "current_thread")]
+async fn calls_of_different_shapes_share_a_batch() {
+    let cluster = Cluster::start(3).await;
+    let locks = support::fenced_client(&cluster.urls()).await;
+    let singles = join_all((0..16).map(|t| {
+        let locks = locks.clone();
+        async move { locks.lock(&format!("shape:one:{t}"), TTL).await.unwrap() }
+    }))
+    .await;
+    let before = join_all((0..3).map(|i| evalsha_calls(&cluster, i))).await;
+
+    // Interleaved, and all queued before any driver runs: one batch per node.
+    let mut releases = Vec::new();
+    let mut acquisitions = Vec::new();
+    for (t, single) in singles.into_iter().enumerate() {
+        releases.push(tokio::spawn(single.release()));
+        let locks = locks.clone();
+        acquisitions.push(tokio::spawn(async move {
+            let names = [0, 1, 2].map(|j| format!("shape:many:{t}:{j}"));
+            let resources: Vec<&str> = names.iter().map(String::as_str).collect();
+            locks.lock_many(&resources, TTL).await.unwrap()
+        }));
+    }
+    for released in join_all(releases).await {
+        released.unwrap().unwrap();
+    }
+    let guards: Vec<_> = join_all(acquisitions)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let after = join_all((0..3).map(|i| evalsha_calls(&cluster, i))).await;
+    for i in 0..3 {
+        assert!(
+            after[i] - before[i] <= 4,
+            "node {i}: {} commands, so the calls were not batched together",
+            after[i] - before[i]
+        );
+    }
+
+    // Exactly the acquisitions' keys are held, each with its own value, and the singles are
+    // gone.
+    let mut expected: Vec<String> = (0..16)
+        .flat_map(|t| [0, 1, 2].map(|j| format!("shape:many:{t}:{j}")))
+        .collect();
+    expected.sort();
+    for i in 0..3 {
+        assert_eq!(cluster.keys(i).await, expected, "node {i}");
+    }
+    for g in &guards {
+        assert!(g.fencing_token() >= Some(1));
+    }
+    for released in join_all(guards.into_iter().map(|g| g.release())).await {
+        released.unwrap();
+    }
+    cluster.assert_no_keys().await;
+    cluster.teardown().await;
+}
