@@ -4,7 +4,7 @@
 //! Run with `cargo bench --bench lock` (needs Docker, the `redis:7.0` image from
 //! `scripts/redis-image.sh`; `redis-benchmark` runs from the host, or else from that image). It starts
 //! its own nodes, makes an untimed warm-up pass and then `RUNS` runs of every scenario, each
-//! run starting with its own raw baseline, and prints medians as a table.
+//! node count's phases right after a raw baseline of their own, and prints medians as a table.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -32,6 +32,9 @@ struct Row {
     cont_rate: f64,
     cont_gave_up: f64,
     fenced_seq_rate: f64,
+    /// `redis-benchmark` at `-c 1` and `-c 50`, measured just before this row's phases.
+    raw1: f64,
+    raw50: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -199,7 +202,6 @@ async fn main() {
         })
         .unwrap_or_else(|_| vec![1, 3, 5]);
     let mut rows: Vec<Vec<Row>> = vec![Vec::new(); sizes.len()];
-    let (mut raw1, mut raw50) = (Vec::new(), Vec::new());
     // One untimed pass first: the first phases after the containers start run slower.
     eprintln!("warm-up");
     {
@@ -209,15 +211,23 @@ async fn main() {
     }
     for run in 0..RUNS {
         eprintln!("run {}/{RUNS}", run + 1);
-        raw1.push(raw_set(port, 1));
-        raw50.push(raw_set(port, 50));
         for (i, &n) in sizes.iter().enumerate() {
+            // The machine's speed drifts from minute to minute: measure the baseline right
+            // before the phases it is compared with.
+            let raw1 = raw_set(port, 1);
+            let raw50 = raw_set(port, 50);
             let locks = client(&urls[..n], false).await;
             let (seq_rate, acq, rel) = sequential(&locks).await;
             let fenced = client(&urls[..n], true).await;
             let (fenced_seq_rate, _, _) = sequential(&fenced).await;
             let par_rate = parallel(&locks, 64).await;
             let (cont_rate, cont_gave_up) = contention(&locks, 16).await;
+            eprintln!(
+                "  {n} nodes: sequential {:.2}x raw -c 1, 64 tasks {:.2}x raw -c 50, contention {:.3}x raw -c 50",
+                seq_rate / raw1,
+                par_rate / raw50,
+                cont_rate / raw50
+            );
             rows[i].push(Row {
                 seq_rate,
                 acq_p50: percentile(&acq, 0.5),
@@ -228,6 +238,8 @@ async fn main() {
                 cont_rate,
                 cont_gave_up,
                 fenced_seq_rate,
+                raw1,
+                raw50,
             });
         }
     }
@@ -250,8 +262,8 @@ async fn main() {
     );
     println!(
         "baseline redis-benchmark SET NX PX on node 0: -c 1 {:.0}/s, -c 50 {:.0}/s\n",
-        median(raw1.clone()),
-        median(raw50.clone())
+        median(rows.iter().flatten().map(|r| r.raw1).collect()),
+        median(rows.iter().flatten().map(|r| r.raw50).collect())
     );
     println!(
         "| nodes | seq cycles/s | acquire p50 | acquire p99 | release p50 | release p99 | 64 tasks cycles/s | 16 contending CS/s | gave up | fenced seq cycles/s |"
@@ -271,28 +283,27 @@ async fn main() {
             m(i, |r| r.fenced_seq_rate),
         );
     }
-    // The machine's speed drifts from minute to minute, so each run's lock figures are set
-    // against the raw figures measured at the start of the same run, and the ratios shown
-    // are the medians of those per-run ratios.
+    // Each run's figures are set against the raw figures measured just before them, and
+    // the ratios shown are the medians of those per-run ratios.
     let five = sizes.len() - 1;
-    let ratio = |f: fn(&Row) -> f64, raw: &[f64]| {
-        median(rows[five].iter().zip(raw).map(|(r, b)| f(r) / b).collect())
+    let ratio = |f: fn(&Row) -> f64, raw: fn(&Row) -> f64| {
+        median(rows[five].iter().map(|r| f(r) / raw(r)).collect())
     };
     println!(
-        "\nratios on {} nodes, medians of the per-run ratios against the same run's raw figures (targets in parentheses):",
+        "\nratios on {} nodes, medians of the per-run ratios against the raw figures measured just before (targets in parentheses):",
         sizes[five]
     );
     println!(
         "  sequential / raw -c 1:      {:.2}x (>= 0.25)",
-        ratio(|r| r.seq_rate, &raw1)
+        ratio(|r| r.seq_rate, |r| r.raw1)
     );
     println!(
         "  64 tasks / raw -c 50:       {:.2}x (>= 0.40)",
-        ratio(|r| r.par_rate, &raw50)
+        ratio(|r| r.par_rate, |r| r.raw50)
     );
     println!(
         "  contention / raw -c 50:     {:.3}x (>= 0.08), gave up {:.0}",
-        ratio(|r| r.cont_rate, &raw50),
+        ratio(|r| r.cont_rate, |r| r.raw50),
         m(five, |r| r.cont_gave_up)
     );
     println!(
