@@ -7,6 +7,9 @@
 //! their data.
 #![allow(dead_code, unreachable_pub)]
 
+mod link;
+pub use link::Link;
+
 use std::net::TcpListener;
 
 use rand::SeedableRng;
@@ -106,6 +109,13 @@ impl Cluster {
     pub async fn start_with_aof(n: usize) -> Cluster {
         let nodes = join_all((0..n).map(|_| start_node(true))).await;
         Cluster { nodes }
+    }
+
+    /// A [`Link`] in front of every node, for tests that cut nodes off or reset their
+    /// connections. Clients built on the links' URLs see the faults; `conn`, `keys` and
+    /// the other checks still go to the nodes directly.
+    pub async fn links(&self) -> Vec<Link> {
+        join_all(self.nodes.iter().map(|n| Link::to(n.port))).await
     }
 
     pub fn urls(&self) -> Vec<String> {
