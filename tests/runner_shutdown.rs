@@ -13,7 +13,7 @@ use serde_json::json;
 use support::{Cluster, fenced_client, wait_until};
 use tokio_util::sync::CancellationToken;
 
-/// Sleeps for the payload's `ms`, or until cancelled when `ignore_cancel` is false.
+/// Sleeps for the payload's `ms`, or until cancelled unless the payload says `stubborn`.
 #[derive(Clone, Default)]
 struct Sleepy {
     started: Arc<AtomicUsize>,
@@ -24,6 +24,11 @@ impl Handler for Sleepy {
     async fn handle(&self, job: &Job, ctx: JobContext) -> Result<(), HandlerError> {
         self.started.fetch_add(1, Ordering::SeqCst);
         let ms = job.payload["ms"].as_u64().unwrap_or(0);
+        if job.payload["stubborn"] == true {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            self.finished.fetch_add(1, Ordering::SeqCst);
+            return Ok(());
+        }
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(ms)) => {
                 self.finished.fetch_add(1, Ordering::SeqCst);
@@ -38,6 +43,22 @@ async fn scenario(
     job_ms: u64,
     shutdown_timeout: Duration,
 ) -> (Cluster, Queue, Sleepy, job_runner::RunReport) {
+    let (cluster, queue, handler, report, _) = scenario_with(
+        json!({"ms": job_ms}),
+        shutdown_timeout,
+        Duration::from_secs(1),
+    )
+    .await;
+    (cluster, queue, handler, report)
+}
+
+/// Four of twelve jobs with `payload` running when shutdown begins: what the run reports
+/// and how long it took to stop.
+async fn scenario_with(
+    payload: serde_json::Value,
+    shutdown_timeout: Duration,
+    cancel_grace: Duration,
+) -> (Cluster, Queue, Sleepy, job_runner::RunReport, Duration) {
     let cluster = Cluster::start(2).await;
     let urls = cluster.urls();
     let handler = Sleepy::default();
@@ -50,12 +71,12 @@ async fn scenario(
     .lock_ttl(Duration::from_millis(900))
     .visibility_timeout(Duration::from_secs(5))
     .shutdown_timeout(shutdown_timeout)
-    .cancel_grace(Duration::from_secs(1))
+    .cancel_grace(cancel_grace)
     .build()
     .unwrap();
     let queue = Queue::connect(&urls[1], "sd", "test").await.unwrap();
     let jobs: Vec<NewJob> = (0..12)
-        .map(|i| NewJob::new("sleep", format!("r:{i}"), json!({"ms": job_ms})))
+        .map(|i| NewJob::new("sleep", format!("r:{i}"), payload.clone()))
         .collect();
     queue.enqueue_many(&jobs).await.unwrap();
     let stop = CancellationToken::new();
@@ -67,9 +88,10 @@ async fn scenario(
         handler.started.load(Ordering::SeqCst) == 4
     })
     .await;
+    let stopping = std::time::Instant::now();
     stop.cancel();
     let report = task.await.unwrap();
-    (cluster, queue, handler, report)
+    (cluster, queue, handler, report, stopping.elapsed())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,6 +122,34 @@ async fn jobs_past_the_timeout_are_cancelled_and_put_back() {
     assert_eq!((report.done, report.interrupted), (0, 4), "{report:?}");
     assert_eq!(handler.finished.load(Ordering::SeqCst), 0);
     // All twelve jobs are still there: eight never fetched, four put back to run again.
+    let st = queue.stats().await.unwrap();
+    assert_eq!(st.pending, 0, "{st:?}");
+    assert_eq!(st.depth + st.delayed, 12, "{st:?}");
+    cluster
+        .assert_no_keys_on(&[0], Duration::from_millis(500))
+        .await;
+    cluster.teardown().await;
+}
+
+/// A process supervisor kills a runner that overstays its stop timeout (Kubernetes after
+/// 30 s by default, against our 25 s `-t`): the whole shutdown, cancelled handlers' grace
+/// included, fits in the shutdown timeout, even for handlers that ignore cancellation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_fits_in_its_timeout_even_when_handlers_ignore_cancellation() {
+    let timeout = Duration::from_secs(1);
+    let (cluster, queue, handler, report, took) = scenario_with(
+        json!({"ms": 60_000, "stubborn": true}),
+        timeout,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!((report.done, report.interrupted), (0, 4), "{report:?}");
+    assert_eq!(handler.finished.load(Ordering::SeqCst), 0);
+    // The timeout, and a little for putting the jobs back and releasing their locks.
+    assert!(
+        took < timeout + Duration::from_millis(700),
+        "shutdown with a 1 s timeout and a 10 s cancel grace took {took:?}"
+    );
     let st = queue.stats().await.unwrap();
     assert_eq!(st.pending, 0, "{st:?}");
     assert_eq!(st.depth + st.delayed, 12, "{st:?}");

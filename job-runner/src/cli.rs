@@ -153,7 +153,8 @@ pub struct RunArgs {
     /// the built-in handlers (none blocks; the ledger uses a blocking pool) [default: 1]
     #[arg(long, env = "JOB_RUNNER_THREADS")]
     pub threads: Option<usize>,
-    /// Seconds running jobs get to finish on shutdown [default: 25]
+    /// Seconds the runner takes at most to stop on a signal: jobs still running in the last
+    /// fifth are cancelled and put back [default: 25]
     #[arg(short = 't', long = "timeout", env = "JOB_RUNNER_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout_secs: Option<u64>,
     /// Exit once the queue is drained (nothing waiting, delayed, pending or running).

@@ -66,6 +66,16 @@ struct Settings {
     once: bool,
 }
 
+impl Settings {
+    /// At shutdown, the share of the shutdown timeout that cancelled jobs get to wind down:
+    /// the cancel grace, but no more than a fifth of the timeout, so that the whole
+    /// shutdown (jobs finishing, then the rest cancelled, put back and unlocked) fits in
+    /// the timeout a process supervisor allows before it kills the process.
+    fn shutdown_wind_down(&self) -> Duration {
+        self.cancel_grace.min(self.shutdown_timeout / 5)
+    }
+}
+
 /// Builds a [`Runner`]. Consuming setters; checked by [`build`](Self::build).
 ///
 /// | setting | default |
@@ -125,14 +135,17 @@ impl RunnerBuilder {
         self
     }
 
-    /// How long a cancelled handler has to return before its future is dropped.
+    /// How long a cancelled handler has to return before its future is dropped. At
+    /// shutdown it is cut to a fifth of the [`shutdown_timeout`](Self::shutdown_timeout)
+    /// if that is shorter.
     pub fn cancel_grace(mut self, t: Duration) -> Self {
         self.settings.cancel_grace = t;
         self
     }
 
-    /// On shutdown, how long running jobs have to finish before they are cancelled and
-    /// put back.
+    /// On shutdown, how long the runner takes at most to stop. Running jobs may finish
+    /// until the last part of it (the cancel grace, at most a fifth of the timeout); then
+    /// the rest are cancelled, given that last part to return, put back and unlocked.
     pub fn shutdown_timeout(mut self, t: Duration) -> Self {
         self.settings.shutdown_timeout = t;
         self
@@ -487,7 +500,7 @@ impl Runner {
             timeout_s = s.shutdown_timeout.as_secs_f64(),
             "stopped fetching; waiting for running jobs"
         );
-        let deadline = tokio::time::sleep(s.shutdown_timeout);
+        let deadline = tokio::time::sleep(s.shutdown_timeout - s.shutdown_wind_down());
         tokio::pin!(deadline);
         loop {
             tokio::select! {
@@ -761,7 +774,17 @@ impl Runner {
             }
         }
         cancel.cancel();
-        stop(tokio::time::timeout(s.cancel_grace, fut).await.ok())
+        // The cancel grace, cut short by shutdown's hard stop (now or later) so that the
+        // runner stops within its shutdown timeout.
+        let returned = tokio::select! {
+            biased;
+            r = &mut fut => Some(r),
+            () = tokio::time::sleep(s.cancel_grace) => None,
+            () = hard_stop.cancelled() => {
+                tokio::time::timeout(s.shutdown_wind_down(), &mut fut).await.ok()
+            }
+        };
+        stop(returned)
     }
 
     async fn retry(&self, delivery: &Delivery, mut job: Job, reason: &str) -> Finished {
