@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use fencelock::Redlock;
+use fencelock::{LockGuard, Redlock};
 use support::{Cluster, Link, TEST_NODE_TIMEOUT};
 
 const TTL: Duration = Duration::from_secs(30);
@@ -23,6 +23,19 @@ async fn client_over(links: &[Link], node_timeout: Duration, fencing: bool) -> R
         .expect("build a client over the links")
 }
 
+/// Locks `resource` and waits until every node holds it, not only the quorum that decided.
+async fn lock_everywhere(locks: &Redlock, cluster: &Cluster, resource: &str) -> LockGuard {
+    let guard = locks.lock(resource, TTL).await.unwrap();
+    let n = cluster.nodes.len();
+    support::wait_until(
+        "every node to hold the lock",
+        Duration::from_secs(2),
+        || async { cluster.holders(resource).await == n },
+    )
+    .await;
+    guard
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_off_minority_costs_at_most_the_node_timeout_and_leaves_nothing_after_healing() {
     let cluster = Cluster::start(5).await;
@@ -31,13 +44,7 @@ async fn a_cut_off_minority_costs_at_most_the_node_timeout_and_leaves_nothing_af
     // With fencing, every acquisition a node runs leaves a counter: what was sent shows.
     let locks = client_over(&links, node_timeout, true).await;
     // Held across the cut, on every node.
-    let held = locks.lock("cut:held", TTL).await.unwrap();
-    support::wait_until(
-        "all 5 nodes to hold the lock",
-        Duration::from_secs(2),
-        || async { cluster.holders("cut:held").await == 5 },
-    )
-    .await;
+    let held = lock_everywhere(&locks, &cluster, "cut:held").await;
 
     links[1].cut();
     links[4].cut();
@@ -86,13 +93,7 @@ async fn a_cut_off_minority_costs_at_most_the_node_timeout_and_leaves_nothing_af
     }
 
     // The healed nodes vote again.
-    let guard = locks.lock("cut:after", TTL).await.unwrap();
-    support::wait_until(
-        "all 5 nodes to hold the lock",
-        Duration::from_secs(2),
-        || async { cluster.holders("cut:after").await == 5 },
-    )
-    .await;
+    let guard = lock_everywhere(&locks, &cluster, "cut:after").await;
     guard.release().await.unwrap();
     cluster.assert_no_keys().await;
     cluster.teardown().await;
@@ -139,13 +140,7 @@ async fn connections_reset_under_load_are_reopened_and_nothing_leaks() {
     }
 
     // Every node takes part again: its connection was reopened.
-    let guard = locks.lock("reset:after", TTL).await.unwrap();
-    support::wait_until(
-        "all 3 nodes to hold the lock",
-        Duration::from_secs(2),
-        || async { cluster.holders("reset:after").await == 3 },
-    )
-    .await;
+    let guard = lock_everywhere(&locks, &cluster, "reset:after").await;
     guard.release().await.unwrap();
     // A grant whose reply a reset cut off is released with the guard, which tries a
     // broken node once more.

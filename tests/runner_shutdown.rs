@@ -116,12 +116,9 @@ async fn running_jobs_finish_and_nothing_is_left_pending_or_locked() {
     cluster.teardown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jobs_past_the_timeout_are_cancelled_and_put_back() {
-    let (cluster, queue, handler, report) = scenario(60_000, Duration::from_millis(500)).await;
-    assert_eq!((report.done, report.interrupted), (0, 4), "{report:?}");
-    assert_eq!(handler.finished.load(Ordering::SeqCst), 0);
-    // All twelve jobs are still there: eight never fetched, four put back to run again.
+/// All twelve jobs are still there, eight never fetched and four put back to run again,
+/// and no lock is left.
+async fn assert_all_put_back(cluster: Cluster, queue: &Queue) {
     let st = queue.stats().await.unwrap();
     assert_eq!(st.pending, 0, "{st:?}");
     assert_eq!(st.depth + st.delayed, 12, "{st:?}");
@@ -129,6 +126,14 @@ async fn jobs_past_the_timeout_are_cancelled_and_put_back() {
         .assert_no_keys_on(&[0], Duration::from_millis(500))
         .await;
     cluster.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_past_the_timeout_are_cancelled_and_put_back() {
+    let (cluster, queue, handler, report) = scenario(60_000, Duration::from_millis(500)).await;
+    assert_eq!((report.done, report.interrupted), (0, 4), "{report:?}");
+    assert_eq!(handler.finished.load(Ordering::SeqCst), 0);
+    assert_all_put_back(cluster, &queue).await;
 }
 
 /// A process supervisor kills a runner that overstays its stop timeout (Kubernetes after
@@ -150,11 +155,5 @@ async fn shutdown_fits_in_its_timeout_even_when_handlers_ignore_cancellation() {
         took < timeout + Duration::from_millis(700),
         "shutdown with a 1 s timeout and a 10 s cancel grace took {took:?}"
     );
-    let st = queue.stats().await.unwrap();
-    assert_eq!(st.pending, 0, "{st:?}");
-    assert_eq!(st.depth + st.delayed, 12, "{st:?}");
-    cluster
-        .assert_no_keys_on(&[0], Duration::from_millis(500))
-        .await;
-    cluster.teardown().await;
+    assert_all_put_back(cluster, &queue).await;
 }
