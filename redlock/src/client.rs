@@ -153,21 +153,41 @@ pub(crate) enum Until {
 /// How long calls a round no longer waits for may still finish in the background.
 const STRAGGLER_GRACE: Duration = Duration::from_secs(30);
 
-/// The first reply in among the calls still out, with its node's index, emptying its slot;
-/// `None` once every slot is empty. A round has one call per node, so scanning them all
-/// on each wake-up costs less than the per-call allocations a `FuturesUnordered` makes.
-fn next_reply(
-    calls: &mut [Option<Reply>],
+/// One node's call in a round.
+enum Slot<F: Future> {
+    /// Not answered yet.
+    Out(F),
+    /// Answered, not yet counted.
+    In(F::Output),
+    /// Counted.
+    Counted,
+}
+
+/// Polls every call still out, then hands over the first answer not yet counted, with its
+/// node's index; `None` once every answer is counted. Every call is polled each time, so a
+/// model node's call (which starts when first polled) starts with its round even when
+/// another answers at once. A round has one call per node, so scanning them all costs less
+/// than the per-call allocations a `FuturesUnordered` makes.
+fn next_reply<F: Future + Unpin>(
+    slots: &mut [Slot<F>],
     cx: &mut Context<'_>,
-) -> Poll<Option<(usize, Result<i64, NodeFailure>)>> {
+) -> Poll<Option<(usize, F::Output)>> {
+    for slot in slots.iter_mut() {
+        if let Slot::Out(call) = slot
+            && let Poll::Ready(reply) = Pin::new(call).poll(cx)
+        {
+            *slot = Slot::In(reply);
+        }
+    }
     let mut out = false;
-    for (i, slot) in calls.iter_mut().enumerate() {
-        if let Some(call) = slot {
-            if let Poll::Ready(reply) = Pin::new(call).poll(cx) {
-                *slot = None;
-                return Poll::Ready(Some((i, reply)));
+    for (i, slot) in slots.iter_mut().enumerate() {
+        match std::mem::replace(slot, Slot::Counted) {
+            Slot::In(reply) => return Poll::Ready(Some((i, reply))),
+            Slot::Out(call) => {
+                *slot = Slot::Out(call);
+                out = true;
             }
-            out = true;
+            Slot::Counted => {}
         }
     }
     if out {
@@ -638,11 +658,10 @@ impl Redlock {
             broken: Vec::new(),
         };
         let payload = Payload::new(script, keys, args);
-        // One slot per node, emptied when its reply is in: nodes still `Some` when the
-        // round ends have not answered.
-        let mut calls: Vec<Option<Reply>> = nodes
+        // One slot per node: those still out when the round ends have not answered.
+        let mut calls: Vec<Slot<Reply>> = nodes
             .iter()
-            .map(|node| Some(node.eval_shared(&payload, late.as_ref())))
+            .map(|node| Slot::Out(node.eval_shared(&payload, late.as_ref())))
             .collect();
         let mut expiry = pin!(tokio::time::sleep_until(deadline));
         loop {
@@ -703,7 +722,11 @@ impl Redlock {
                 }
                 Either::Left(None) => break,
                 Either::Right(()) => {
-                    for (node, _) in nodes.iter().zip(&calls).filter(|(_, c)| c.is_some()) {
+                    let unanswered = nodes
+                        .iter()
+                        .zip(&calls)
+                        .filter(|(_, c)| matches!(c, Slot::Out(_)));
+                    for (node, _) in unanswered {
                         out.tally.failed += 1;
                         out.failures.push(NodeFailure::Timeout {
                             node: node.addr().to_owned(),
@@ -718,7 +741,7 @@ impl Redlock {
         // grants by itself. A model node's calls live in their futures: let those finish
         // in the background rather than drop them, so that each keeps its place in the
         // node's order, and a stalled node's calls end with the grace.
-        if calls.iter().any(Option::is_some)
+        if calls.iter().any(|c| matches!(c, Slot::Out(_)))
             && nodes.iter().any(Node::needs_drain)
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
@@ -920,5 +943,59 @@ mod tests {
             client.round_deadline(now, later),
             now + Duration::from_millis(50)
         );
+    }
+
+    /// A call that answers after `polls_left` more polls, counting every poll.
+    struct Counted {
+        polls: Arc<std::sync::atomic::AtomicUsize>,
+        polls_left: usize,
+        answer: i64,
+    }
+
+    impl Future for Counted {
+        type Output = i64;
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<i64> {
+            self.polls.fetch_add(1, Ordering::SeqCst);
+            if self.polls_left == 0 {
+                return Poll::Ready(self.answer);
+            }
+            self.polls_left -= 1;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+
+    #[test]
+    fn every_call_starts_with_its_round_and_every_answer_is_counted_once() {
+        let polls: Vec<_> = (0..3)
+            .map(|_| Arc::new(std::sync::atomic::AtomicUsize::new(0)))
+            .collect();
+        // Nodes 0 and 2 answer at once, node 1 on its fourth poll.
+        let mut slots: Vec<Slot<Counted>> = [0, 3, 0]
+            .into_iter()
+            .zip(&polls)
+            .enumerate()
+            .map(|(i, (polls_left, polls))| {
+                Slot::Out(Counted {
+                    polls: polls.clone(),
+                    polls_left,
+                    answer: i as i64 * 10,
+                })
+            })
+            .collect();
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+
+        // Node 0's answer comes first, but nodes 1 and 2 were started too.
+        assert_eq!(next_reply(&mut slots, &mut cx), Poll::Ready(Some((0, 0))));
+        assert!(polls.iter().all(|p| p.load(Ordering::SeqCst) == 1));
+        // Node 2 answered in that same pass: handed over without polling it again.
+        assert_eq!(next_reply(&mut slots, &mut cx), Poll::Ready(Some((2, 20))));
+        assert_eq!(polls[2].load(Ordering::SeqCst), 1);
+        assert_eq!(next_reply(&mut slots, &mut cx), Poll::Pending);
+        assert_eq!(next_reply(&mut slots, &mut cx), Poll::Ready(Some((1, 10))));
+        assert_eq!(polls[1].load(Ordering::SeqCst), 4);
+        assert_eq!(next_reply(&mut slots, &mut cx), Poll::Ready(None));
+        assert!(slots.iter().all(|s| matches!(s, Slot::Counted)));
     }
 }
