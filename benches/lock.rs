@@ -223,7 +223,7 @@ async fn main() {
             let par_rate = parallel(&locks, 64).await;
             let (cont_rate, cont_gave_up) = contention(&locks, 16).await;
             eprintln!(
-                "  {n} nodes: sequential {:.2}x raw -c 1, 64 tasks {:.2}x raw -c 50, contention {:.3}x raw -c 50",
+                "  {n} nodes: sequential {:.3}x raw -c 1, 64 tasks {:.2}x raw -c 50, contention {:.3}x raw -c 50",
                 seq_rate / raw1,
                 par_rate / raw50,
                 cont_rate / raw50
@@ -294,7 +294,7 @@ async fn main() {
         sizes[five]
     );
     println!(
-        "  sequential / raw -c 1:      {:.2}x (>= 0.25)",
+        "  sequential / raw -c 1:      {:.3}x (>= 0.25)",
         ratio(|r| r.seq_rate, |r| r.raw1)
     );
     println!(
