@@ -366,10 +366,11 @@ impl Runner {
     /// Runs until `shutdown` resolves (or, with [`once`](RunnerBuilder::once), until the
     /// queue is drained).
     ///
-    /// On shutdown it stops fetching and gives running jobs up to the shutdown timeout to
-    /// finish. Jobs still running then are cancelled, their locks released, and they are
-    /// put back to run again; if even that fails, their entries stay pending and another
-    /// runner reclaims them. No job is lost.
+    /// On shutdown it stops fetching and returns within the shutdown timeout. Running jobs
+    /// may finish until its last part (the cancel grace, at most a fifth of the timeout);
+    /// jobs still running then are cancelled and given that last part to return, their
+    /// locks released, and they are put back to run again; if even that fails, their
+    /// entries stay pending and another runner reclaims them. No job is lost.
     ///
     /// # Cancel safety
     ///
