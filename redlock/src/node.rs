@@ -99,8 +99,9 @@ impl Op {
     }
 }
 
-/// The reply of one call to one node: a future that borrows nothing, so a round can keep
-/// its calls in a plain `Vec` and poll them in place, with no allocation per call.
+/// The reply of one call to one node: a named `Unpin` future that borrows nothing, so a
+/// round can keep its calls in a plain `Vec` and poll them in place, with no task
+/// allocated per call.
 pub(crate) struct Reply {
     node: Arc<str>,
     state: ReplyState,
@@ -264,7 +265,10 @@ impl Node {
                     };
                     match ops.send(op) {
                         Ok(()) => ReplyState::Queued(rx),
-                        Err(_) => ReplyState::Refused(Some(driver_gone())),
+                        Err(_) => {
+                            backlog.fetch_sub(1, Ordering::Relaxed);
+                            ReplyState::Refused(Some(driver_gone()))
+                        }
                     }
                 }
             }
