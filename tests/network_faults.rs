@@ -117,7 +117,8 @@ async fn connections_reset_under_load_are_reopened_and_nothing_leaks() {
                         .lock(&resource, TTL)
                         .await
                         .expect("a quorum stays reachable");
-                    // A release that met the reset on one node still reached a quorum.
+                    // A release that meets a reset may report it; what this test holds the
+                    // client to is that locking goes on and nothing leaks (checked below).
                     let _ = guard.release().await;
                     cycles.fetch_add(1, Ordering::Relaxed);
                 }
