@@ -5,9 +5,10 @@
 mod support;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use fencelock::sim::SimCluster;
 use fencelock::{Error, ErrorKind, Redlock, RetryPolicy};
 use support::{Cluster, TEST_NODE_TIMEOUT};
 
@@ -73,10 +74,15 @@ async fn local_waiters_are_handed_the_lock_without_retry_delay() {
     cluster.teardown().await;
 }
 
-/// Within a hand-off chain the keys are never free: an intruder spinning on
-/// `SET NX` against one node never gets in while tasks of the process pass the lock along.
+/// Within a hand-off chain the keys are never free: an intruder spinning on `SET NX`
+/// against one node never gets in while tasks of the process pass the lock along.
+///
+/// Every task queues before the chain starts, so each release but the last finds a waiter
+/// and hands off; a task that queued late would find none and release for real, which is
+/// how the lock is meant to behave, not a gap in the chain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_are_never_free_during_hand_offs() {
+    const TASKS: usize = 50;
     let cluster = Cluster::start(3).await;
     let locks = Redlock::builder()
         .nodes(cluster.urls())
@@ -85,18 +91,22 @@ async fn keys_are_never_free_during_hand_offs() {
         .build()
         .await
         .unwrap();
-    // Hold it first, so the chain starts before the intruder does.
+    // Held on every node before the intruder starts, so a win can only come from a gap.
     let first = locks
         .lock("local:chain", Duration::from_secs(10))
         .await
         .unwrap();
+    cluster.wait_all_hold("local:chain", first.value()).await;
+    let started = Arc::new(AtomicBool::new(false));
+    let chain_over = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicBool::new(false));
     let intruder = {
-        let done = done.clone();
+        let (started, chain_over, done) = (started.clone(), chain_over.clone(), done.clone());
         let mut c = cluster.conn(0).await;
         tokio::spawn(async move {
             let (mut tries, mut wins) = (0u32, 0u32);
             while !done.load(Ordering::SeqCst) {
+                let during_chain = started.load(Ordering::SeqCst);
                 let reply: redis::Value = redis::cmd("SET")
                     .arg("local:chain")
                     .arg("intruder")
@@ -106,44 +116,138 @@ async fn keys_are_never_free_during_hand_offs() {
                     .query_async(&mut c)
                     .await
                     .unwrap();
-                tries += 1;
-                wins += u32::from(reply != redis::Value::Nil);
+                // Read after the reply: if the last release had not begun by then, the SET
+                // ran while the chain held the key.
+                if !chain_over.load(Ordering::SeqCst) {
+                    tries += u32::from(during_chain);
+                    wins += u32::from(reply != redis::Value::Nil);
+                }
             }
             (tries, wins)
         })
     };
-    let workers: Vec<_> = (0..3)
+    let queued = Arc::new(AtomicUsize::new(0));
+    let taken = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..TASKS)
         .map(|_| {
-            let locks = locks.clone();
+            let (locks, queued, taken, chain_over) = (
+                locks.clone(),
+                queued.clone(),
+                taken.clone(),
+                chain_over.clone(),
+            );
             tokio::spawn(async move {
-                for _ in 0..30 {
-                    let g = locks
-                        .lock("local:chain", Duration::from_secs(10))
-                        .await
-                        .unwrap();
-                    tokio::task::yield_now().await;
-                    g.release().await.unwrap();
+                // `lock` joins the local queue in its first poll, the same one as this count.
+                queued.fetch_add(1, Ordering::SeqCst);
+                let g = locks
+                    .lock("local:chain", Duration::from_secs(10))
+                    .await
+                    .unwrap();
+                tokio::task::yield_now().await;
+                if taken.fetch_add(1, Ordering::SeqCst) + 1 == TASKS {
+                    chain_over.store(true, Ordering::SeqCst);
                 }
+                g.release().await.unwrap();
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    while queued.load(Ordering::SeqCst) < TASKS {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // The last count may land a moment before its task's first poll is over.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    started.store(true, Ordering::SeqCst);
     first.release().await.unwrap();
-    for w in workers {
-        w.await.unwrap();
+    for t in tasks {
+        t.await.unwrap();
     }
     done.store(true, Ordering::SeqCst);
     let (tries, wins) = intruder.await.unwrap();
     assert!(
-        tries > 10,
-        "the intruder must actually have tried ({tries})"
+        tries >= 10,
+        "the intruder must actually have tried during the chain ({tries})"
     );
-    // The last release is real, so the intruder may get in after the chain ends; its key
-    // then expires within 50 ms. Before that, never.
-    assert!(
-        wins <= 1,
-        "the keys were free {wins} times in {tries} tries"
+    assert_eq!(
+        wins, 0,
+        "the keys were free {wins} times while the chain held them"
     );
     cluster.assert_no_keys().await;
     cluster.teardown().await;
+}
+
+/// A slow node's grant from a hand-off round can arrive after that holder has already
+/// passed the lock on. It set a value the chain still owns, so it must not be taken back
+/// while the chain goes on: that would leave the node free, and every later hand-off would
+/// then run on a bare quorum. Model nodes on a paused clock make the late grants certain.
+#[test]
+fn a_slow_nodes_late_grants_stay_with_the_chain() {
+    const TASKS: usize = 40;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let cluster = SimCluster::new(3, 7);
+        cluster.node(0).set_max_delay(Duration::from_millis(5));
+        for i in 1..3 {
+            cluster.node(i).set_max_delay(Duration::from_micros(100));
+        }
+        let locks = Redlock::builder()
+            .node_timeout(Duration::from_millis(50))
+            .max_local_handoffs(usize::MAX)
+            .build_simulated(&cluster)
+            .await
+            .unwrap();
+        let first = locks
+            .lock("local:slow", Duration::from_secs(10))
+            .await
+            .unwrap();
+        while cluster.node(0).holds("local:slow").is_none() {
+            tokio::time::sleep(Duration::from_micros(100)).await;
+        }
+        let chain_over = Arc::new(AtomicBool::new(false));
+        let taken = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|_| {
+                let (locks, taken, chain_over) = (locks.clone(), taken.clone(), chain_over.clone());
+                tokio::spawn(async move {
+                    let g = locks
+                        .lock("local:slow", Duration::from_secs(10))
+                        .await
+                        .unwrap();
+                    // The last holder's release is real: watching stops before it.
+                    if taken.fetch_add(1, Ordering::SeqCst) + 1 == TASKS {
+                        chain_over.store(true, Ordering::SeqCst);
+                    }
+                    // Passed on long before node 0 answers this holder's round.
+                    g.release().await.unwrap();
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let observer = {
+            let (cluster, chain_over) = (cluster.clone(), chain_over.clone());
+            tokio::spawn(async move {
+                let (mut samples, mut free) = (0u32, 0u32);
+                while !chain_over.load(Ordering::SeqCst) {
+                    samples += 1;
+                    free += u32::from(cluster.node(0).holds("local:slow").is_none());
+                    tokio::time::sleep(Duration::from_micros(50)).await;
+                }
+                (samples, free)
+            })
+        };
+        first.release().await.unwrap();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let (samples, free) = observer.await.unwrap();
+        assert!(samples >= 10, "the observer must have looked ({samples})");
+        assert_eq!(free, 0, "node 0 was free in {free} of {samples} samples");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for i in 0..3 {
+            assert_eq!(cluster.node(i).holds("local:slow"), None, "node {i}");
+        }
+    });
 }

@@ -131,8 +131,8 @@ impl Drop for PendingCleanup<'_> {
 }
 
 /// For an acquire round: whose keys a grant that arrives after the round belongs to, and
-/// whether that acquisition is already over (released, handed on, or failed), in which
-/// case the late grant is released on its node at once.
+/// whether that acquisition is already over (released or failed; a hand-off carries it
+/// on), in which case the late grant is released on its node at once.
 #[derive(Clone)]
 pub(crate) struct LateGrants {
     pub(crate) over: Arc<AtomicBool>,
@@ -488,7 +488,8 @@ impl Redlock {
         let ttl_ms = ttl.as_millis() as u64;
         let quarantine_ms = self.inner.quarantine.as_millis() as u64;
         let fenced_arg = u8::from(fenced);
-        let over = Arc::new(AtomicBool::new(false));
+        // A hand-off continues its chain, so its late grants are the chain's to take back.
+        let over = from.map_or_else(|| Arc::new(AtomicBool::new(false)), |b| b.over.clone());
         let mut cleanup = PendingCleanup {
             client: self,
             keys,

@@ -33,8 +33,9 @@ pub struct LockGuard {
     ttl: Duration,
     valid_until: Instant,
     token: Option<u64>,
-    /// Set once this acquisition is over (released, dropped, handed on), so that a grant
-    /// from a slow node arriving later is taken back.
+    /// Set once this acquisition is over (released, dropped), so that a grant from a slow
+    /// node arriving later is taken back. A hand-off passes it on instead: the next holder
+    /// owns our values too, so a late grant of ours is still theirs.
     over: Arc<AtomicBool>,
     /// `None` once released or abandoned: Drop then does nothing.
     turn: Option<LocalTurn>,
@@ -202,11 +203,11 @@ impl LockGuard {
     /// the rest expire with the TTL.
     pub async fn release(mut self) -> Result<(), Error> {
         let mut turn = self.turn.take();
-        self.over.store(true, Ordering::SeqCst);
         let expired = !self.is_valid();
         if !expired && self.hand_off(&mut turn) {
             return Ok(());
         }
+        self.over.store(true, Ordering::SeqCst);
         let span = tracing::info_span!("fencelock.release", resource = %self.keys[0], deleted = tracing::field::Empty);
         let outcome = self
             .client
@@ -243,7 +244,9 @@ impl LockGuard {
 impl LockGuard {
     /// Passes the lock to a task of this process that waits for it, if there is one.
     fn hand_off(&self, turn: &mut Option<LocalTurn>) -> bool {
-        let handed = turn.as_mut().is_some_and(|t| t.hand_off(&self.values));
+        let handed = turn
+            .as_mut()
+            .is_some_and(|t| t.hand_off(&self.values, &self.over));
         if handed {
             tracing::debug!(resource = %self.keys[0], chain = self.values.len(), "lock handed to a waiting task of this process");
         }
@@ -253,14 +256,12 @@ impl LockGuard {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        if self.turn.is_some() {
-            self.over.store(true, Ordering::SeqCst);
-        }
         let mut turn = self.turn.take();
         if self.is_valid() && self.hand_off(&mut turn) {
             return;
         }
         if let Some(turn) = turn {
+            self.over.store(true, Ordering::SeqCst);
             self.client
                 .spawn_release(self.keys.clone(), self.values.clone(), Some(turn));
         }

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
@@ -18,6 +19,17 @@ use crate::retry::RetryPolicy;
 #[derive(Debug, Clone)]
 pub(crate) struct Baton {
     pub(crate) values: Vec<Arc<str>>,
+    /// Set when the chain ends. Every acquisition of the chain shares it: a slow node's
+    /// grant from an earlier hand-off sets a value the later holders own too, so it is
+    /// taken back only once the last of them is done, not while the chain still holds it.
+    pub(crate) over: Arc<AtomicBool>,
+}
+
+impl Baton {
+    /// Ends the chain here: late grants from any of its rounds are taken back from now on.
+    pub(crate) fn end(&self) {
+        self.over.store(true, Ordering::SeqCst);
+    }
 }
 
 type Slot = Arc<AsyncMutex<Option<Baton>>>;
@@ -98,6 +110,7 @@ impl LocalTurn {
             return batons.pop().map(|(_, baton)| baton);
         }
         for (key, baton) in batons {
+            baton.end();
             // If this future is dropped here, the remaining batons' keys expire with their TTL.
             self.client.release_all(&[key], &baton.values, true).await;
         }
@@ -107,7 +120,7 @@ impl LocalTurn {
     /// Leaves the lock to the next task of this process that waits for it, instead of
     /// releasing: only for a single resource, only when someone waits, and only while the
     /// chain of hand-offs is short enough for other processes to get a turn.
-    pub(crate) fn hand_off(&mut self, values: &[Arc<str>]) -> bool {
+    pub(crate) fn hand_off(&mut self, values: &[Arc<str>], over: &Arc<AtomicBool>) -> bool {
         let [slot] = self.guards.as_mut_slice() else {
             return false;
         };
@@ -119,6 +132,7 @@ impl LocalTurn {
         }
         **slot = Some(Baton {
             values: values.to_vec(),
+            over: over.clone(),
         });
         true
     }
@@ -147,6 +161,7 @@ impl Drop for LocalTurn {
             }
         }
         for (key, baton) in orphans {
+            baton.end();
             self.client
                 .spawn_release(Arc::from([key]), baton.values, None);
         }

@@ -180,6 +180,12 @@ impl SimNode {
         };
     }
 
+    /// The value `key` holds now on this node's clock, if it is set and not expired.
+    pub fn holds(&self, key: &str) -> Option<String> {
+        let state = self.state();
+        live(&state.data, key, state.clock.now_ms()).map(str::to_owned)
+    }
+
     pub(crate) fn restart_state(&self) -> (Option<String>, Option<String>) {
         let state = self.state();
         (
