@@ -3,8 +3,9 @@
 //!
 //! Run with `cargo bench --bench lock` (needs Docker, the `redis:7.0` image from
 //! `scripts/redis-image.sh`; `redis-benchmark` runs from the host, or else from that image). It starts
-//! its own nodes, makes an untimed warm-up pass and then `RUNS` runs of every scenario, each
+//! its own nodes, makes an untimed warm-up pass and then 3 runs of every scenario, each
 //! node count's phases right after a raw baseline of their own, and prints medians as a table.
+//! `BENCH_RUNS=n` makes n runs instead, for a steadier median on a noisy machine.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 use fencelock::Redlock;
 use support::Cluster;
 
+/// Runs unless `BENCH_RUNS` says otherwise: the targets are medians of 3.
 const RUNS: usize = 3;
 const PHASE: Duration = Duration::from_secs(2);
 const TTL: Duration = Duration::from_secs(30);
@@ -201,6 +203,12 @@ async fn main() {
                 .collect()
         })
         .unwrap_or_else(|_| vec![1, 3, 5]);
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .map(|v| match v.trim().parse() {
+            Ok(n) if n > 0 => n,
+            _ => panic!("BENCH_RUNS must be a positive number of runs, not {v:?}"),
+        })
+        .unwrap_or(RUNS);
     let mut rows: Vec<Vec<Row>> = vec![Vec::new(); sizes.len()];
     // One untimed pass first: the first phases after the containers start run slower.
     eprintln!("warm-up");
@@ -209,8 +217,8 @@ async fn main() {
         sequential(&locks).await;
         parallel(&locks, 64).await;
     }
-    for run in 0..RUNS {
-        eprintln!("run {}/{RUNS}", run + 1);
+    for run in 0..runs {
+        eprintln!("run {}/{runs}", run + 1);
         for (i, &n) in sizes.iter().enumerate() {
             // The machine's speed drifts from minute to minute: measure the baseline right
             // before the phases it is compared with.
@@ -256,7 +264,7 @@ async fn main() {
 
     let m = |i: usize, f: fn(&Row) -> f64| median(rows[i].iter().map(f).collect());
     println!(
-        "\nfencelock lock benchmark: medians of {RUNS} runs, {}s per phase, TTL {}s",
+        "\nfencelock lock benchmark: medians of {runs} runs, {}s per phase, TTL {}s",
         PHASE.as_secs(),
         TTL.as_secs()
     );
