@@ -26,13 +26,7 @@ async fn client_over(links: &[Link], node_timeout: Duration, fencing: bool) -> R
 /// Locks `resource` and waits until every node holds it, not only the quorum that decided.
 async fn lock_everywhere(locks: &Redlock, cluster: &Cluster, resource: &str) -> LockGuard {
     let guard = locks.lock(resource, TTL).await.unwrap();
-    let n = cluster.nodes.len();
-    support::wait_until(
-        "every node to hold the lock",
-        Duration::from_secs(2),
-        || async { cluster.holders(resource).await == n },
-    )
-    .await;
+    cluster.wait_all_hold(resource, guard.value()).await;
     guard
 }
 
