@@ -251,3 +251,77 @@ fn a_slow_nodes_late_grants_stay_with_the_chain() {
         }
     });
 }
+
+/// A `lock` dropped mid-round passes this process's turn on only once its partial keys are
+/// gone: the next local waiter's first round is not refused by them, so it does not sit
+/// out a retry delay. Model nodes on a paused clock; each seed is one interleaving.
+#[test]
+fn a_cancelled_acquire_passes_its_turn_on_after_its_keys_are_gone() {
+    const KEY: &str = "local:cancelled";
+    let mut checked = 0;
+    for seed in 0..24 {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let waited = rt.block_on(async {
+            let cluster = SimCluster::new(3, seed);
+            for i in 0..3 {
+                cluster.node(i).set_max_delay(Duration::from_millis(5));
+            }
+            let locks = Redlock::builder()
+                .node_timeout(Duration::from_millis(50))
+                .build_simulated(&cluster)
+                .await
+                .unwrap();
+            let first = {
+                let locks = locks.clone();
+                tokio::spawn(async move { locks.lock(KEY, Duration::from_secs(10)).await })
+            };
+            tokio::task::yield_now().await;
+            let second = {
+                let locks = locks.clone();
+                tokio::spawn(async move {
+                    let start = tokio::time::Instant::now();
+                    let guard = locks.lock(KEY, Duration::from_secs(10)).await.unwrap();
+                    let waited = start.elapsed();
+                    guard.release().await.unwrap();
+                    waited
+                })
+            };
+            // Cancel the first once its keys sit on a quorum but before it has heard so.
+            let held = || {
+                (0..3)
+                    .filter(|&i| cluster.node(i).holds(KEY).is_some())
+                    .count()
+            };
+            while held() < 2 && !first.is_finished() {
+                tokio::time::sleep(Duration::from_micros(10)).await;
+            }
+            if first.is_finished() {
+                second.abort();
+                return None;
+            }
+            first.abort();
+            let waited = second.await.unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            for i in 0..3 {
+                assert_eq!(cluster.node(i).holds(KEY), None, "seed {seed}: node {i}");
+            }
+            Some(waited)
+        });
+        let Some(waited) = waited else { continue };
+        checked += 1;
+        // The default retry delay is at least 200 ms; the release takes at most one node
+        // timeout (50 ms) and the second's round a few ms.
+        assert!(
+            waited < Duration::from_millis(100),
+            "seed {seed}: the next waiter got the lock after {waited:?}, so its first round was refused"
+        );
+    }
+    assert!(
+        checked >= 12,
+        "too few seeds cancelled mid-round: {checked}"
+    );
+}

@@ -117,6 +117,10 @@ struct PendingCleanup<'a> {
     /// This round's value, then those of the hand-off chain it started from.
     values: &'a [Arc<str>],
     over: &'a Arc<AtomicBool>,
+    /// The acquisition's local turn. The spawned release takes it along, so the next task
+    /// of this process that waits for these keys starts once they are gone from the nodes,
+    /// not while our keys are still there to refuse its first round.
+    turn: &'a mut Option<LocalTurn>,
     armed: bool,
 }
 
@@ -125,7 +129,7 @@ impl Drop for PendingCleanup<'_> {
         if self.armed {
             self.over.store(true, Ordering::SeqCst);
             self.client
-                .spawn_release(self.keys.clone(), self.values.to_vec(), None);
+                .spawn_release(self.keys.clone(), self.values.to_vec(), self.turn.take());
         }
     }
 }
@@ -308,7 +312,9 @@ impl Redlock {
     ///
     /// Cancel safe. If the future is dropped mid-flight, a release of whatever this attempt
     /// may have set is spawned on the current runtime (without a runtime the keys expire
-    /// with their TTL), and no guard exists, so nothing is held.
+    /// with their TTL), and no guard exists, so nothing is held. The next task of this
+    /// process waiting for the resource starts once that release is done, so our partial
+    /// keys do not refuse its first round.
     pub async fn lock(&self, resource: &str, ttl: Duration) -> Result<LockGuard, Error> {
         self.acquire(&[resource], ttl, self.inner.retry).await
     }
@@ -425,6 +431,8 @@ impl Redlock {
         async move {
             let mut turn = LocalTurn::wait(self, &keys, policy).await?;
             let mut baton = turn.take_baton().await;
+            // An Option so that a round dropped mid-flight can hand it to its cleanup.
+            let mut turn = Some(turn);
             let mut attempt = 0u32;
             let mut seeded_once = false;
             loop {
@@ -433,7 +441,7 @@ impl Redlock {
                 if !handing_off {
                     attempt += 1;
                 }
-                match self.round(&keys, ttl, attempt, from.as_ref()).await {
+                match self.round(&keys, ttl, attempt, from.as_ref(), &mut turn).await {
                     Ok(granted) => {
                         tracing::Span::current().record("attempts", attempt);
                         return Ok(LockGuard::new(self.clone(), keys, ttl, granted, turn));
@@ -477,6 +485,7 @@ impl Redlock {
         ttl: Duration,
         attempt: u32,
         from: Option<&Baton>,
+        turn: &mut Option<LocalTurn>,
     ) -> Result<Granted, (Error, bool)> {
         let fenced = self.inner.fencing;
         let previous: &[Arc<str>] = from.map_or(&[], |b| &b.values);
@@ -495,6 +504,7 @@ impl Redlock {
             keys,
             values: &values,
             over: &over,
+            turn,
             armed: true,
         };
         // Lock keys, then with fencing their counters, then for ACQUIRE the node key.

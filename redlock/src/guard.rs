@@ -57,7 +57,7 @@ impl LockGuard {
         keys: Arc<[String]>,
         ttl: Duration,
         granted: Granted,
-        turn: LocalTurn,
+        turn: Option<LocalTurn>,
     ) -> Self {
         LockGuard {
             client,
@@ -67,7 +67,7 @@ impl LockGuard {
             valid_until: granted.valid_until,
             token: granted.token,
             over: granted.over,
-            turn: Some(turn),
+            turn,
         }
     }
 
