@@ -6,6 +6,10 @@
 //! its own nodes, makes an untimed warm-up pass and then 3 runs of every scenario, each
 //! node count's phases right after a raw baseline of their own, and prints medians as a table.
 //! `BENCH_RUNS=n` makes n runs instead, for a steadier median on a noisy machine.
+//!
+//! Contention is measured three ways: 16 tasks on one unfenced client (the headline: local
+//! hand-offs, most without a round), the same on a fenced client (each hand-off a round),
+//! and 16 clients of one task each, which is what 16 processes would see.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -33,6 +37,12 @@ struct Row {
     par_rate: f64,
     cont_rate: f64,
     cont_gave_up: f64,
+    /// The same 16 tasks on a fenced client: every hand-off is a swap round.
+    cont_fenced_rate: f64,
+    /// 16 tasks with a client each, as 16 processes would be: no local queue, every
+    /// acquisition through Redis, retries after the default delay.
+    cont_apart_rate: f64,
+    cont_apart_gave_up: f64,
     fenced_seq_rate: f64,
     /// `redis-benchmark` at `-c 1` and `-c 50`, measured just before this row's phases.
     raw1: f64,
@@ -102,16 +112,16 @@ async fn parallel(locks: &Redlock, tasks: usize) -> f64 {
 }
 
 /// 16 tasks on one resource, with the default retry policy: critical sections per second
-/// and lock calls that gave up.
-async fn contention(locks: &Redlock, tasks: usize) -> (f64, f64) {
+/// and lock calls that gave up. Task `t` uses `clients[t % clients.len()]`.
+async fn contention(clients: &[Redlock], tasks: usize) -> (f64, f64) {
     let sections = Arc::new(AtomicU64::new(0));
     let gave_up = Arc::new(AtomicU64::new(0));
     let inside = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let handles: Vec<_> = (0..tasks)
-        .map(|_| {
+        .map(|t| {
             let (locks, sections, gave_up, inside) = (
-                locks.clone(),
+                clients[t % clients.len()].clone(),
                 sections.clone(),
                 gave_up.clone(),
                 inside.clone(),
@@ -229,12 +239,20 @@ async fn main() {
             let fenced = client(&urls[..n], true).await;
             let (fenced_seq_rate, _, _) = sequential(&fenced).await;
             let par_rate = parallel(&locks, 64).await;
-            let (cont_rate, cont_gave_up) = contention(&locks, 16).await;
+            let (cont_rate, cont_gave_up) = contention(std::slice::from_ref(&locks), 16).await;
+            let (cont_fenced_rate, _) = contention(std::slice::from_ref(&fenced), 16).await;
+            let mut apart = Vec::new();
+            for _ in 0..16 {
+                apart.push(client(&urls[..n], false).await);
+            }
+            let (cont_apart_rate, cont_apart_gave_up) = contention(&apart, 16).await;
             eprintln!(
-                "  {n} nodes: sequential {:.3}x raw -c 1, 64 tasks {:.2}x raw -c 50, contention {:.3}x raw -c 50",
+                "  {n} nodes: sequential {:.3}x raw -c 1, 64 tasks {:.2}x raw -c 50, contention {:.3}x raw -c 50 (fenced {:.3}x, 16 clients {:.4}x)",
                 seq_rate / raw1,
                 par_rate / raw50,
-                cont_rate / raw50
+                cont_rate / raw50,
+                cont_fenced_rate / raw50,
+                cont_apart_rate / raw50,
             );
             rows[i].push(Row {
                 seq_rate,
@@ -245,6 +263,9 @@ async fn main() {
                 par_rate,
                 cont_rate,
                 cont_gave_up,
+                cont_fenced_rate,
+                cont_apart_rate,
+                cont_apart_gave_up,
                 fenced_seq_rate,
                 raw1,
                 raw50,
@@ -274,12 +295,12 @@ async fn main() {
         median(rows.iter().flatten().map(|r| r.raw50).collect())
     );
     println!(
-        "| nodes | seq cycles/s | acquire p50 | acquire p99 | release p50 | release p99 | 64 tasks cycles/s | 16 contending CS/s | gave up | fenced seq cycles/s |"
+        "| nodes | seq cycles/s | acquire p50 | acquire p99 | release p50 | release p99 | 64 tasks cycles/s | 16 contending CS/s | gave up | same, fenced | 16 clients CS/s | gave up | fenced seq cycles/s |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (i, n) in sizes.iter().enumerate() {
         println!(
-            "| {n} | {:.0} | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.0} | {:.0} | {:.0} | {:.0} |",
+            "| {n} | {:.0} | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
             m(i, |r| r.seq_rate),
             m(i, |r| r.acq_p50),
             m(i, |r| r.acq_p99),
@@ -288,6 +309,9 @@ async fn main() {
             m(i, |r| r.par_rate),
             m(i, |r| r.cont_rate),
             m(i, |r| r.cont_gave_up),
+            m(i, |r| r.cont_fenced_rate),
+            m(i, |r| r.cont_apart_rate),
+            m(i, |r| r.cont_apart_gave_up),
             m(i, |r| r.fenced_seq_rate),
         );
     }
@@ -313,6 +337,12 @@ async fn main() {
         "  contention / raw -c 50:     {:.3}x (>= 0.08), gave up {:.0}",
         ratio(|r| r.cont_rate, |r| r.raw50),
         m(five, |r| r.cont_gave_up)
+    );
+    println!(
+        "    the same on a fenced client (every hand-off a round): {:.3}x; 16 clients of one task each: {:.4}x, gave up {:.0}",
+        ratio(|r| r.cont_fenced_rate, |r| r.raw50),
+        ratio(|r| r.cont_apart_rate, |r| r.raw50),
+        m(five, |r| r.cont_apart_gave_up)
     );
     println!(
         "  fenced cycle cost / unfenced: {:.2}x (<= 1.6)",

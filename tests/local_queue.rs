@@ -1,6 +1,7 @@
 //! Tasks of one process that want the same resource queue in-process: `try_lock` fails at
 //! once without asking the nodes, and `lock` gets the resource as soon as the holder
-//! releases, handed over in one round without the keys ever being free.
+//! releases, handed over without the keys ever being free: as it is, with no round, while
+//! its validity lasts and fencing is off, else in one swap round.
 
 mod support;
 
@@ -51,6 +52,7 @@ async fn local_waiters_are_handed_the_lock_without_retry_delay() {
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!waiter.is_finished(), "the waiter must wait for the holder");
+    let (value, validity) = (held.value().to_owned(), held.validity());
     let released_at = Instant::now();
     held.release().await.unwrap();
     let (got_at, guard) = waiter.await.unwrap();
@@ -60,8 +62,16 @@ async fn local_waiters_are_handed_the_lock_without_retry_delay() {
         handoff < Duration::from_secs(1),
         "hand-off took {handoff:?}"
     );
-    // The lock passed without being let go: a quorum holds the waiter's fresh value, and
-    // a node-redlock-style client is still refused.
+    // The lock passed as it was, without a round: same value, and no more validity than
+    // the holder had left; the nodes still hold it, and a node-redlock-style client is
+    // still refused.
+    assert_eq!(guard.value(), value);
+    assert!(guard.validity() <= validity);
+    assert!(
+        guard.validity() > Duration::from_secs(9),
+        "{:?}",
+        guard.validity()
+    );
     cluster.wait_all_hold("local:r", guard.value()).await;
     for i in 0..3 {
         assert!(
@@ -75,19 +85,31 @@ async fn local_waiters_are_handed_the_lock_without_retry_delay() {
 }
 
 /// Within a hand-off chain the keys are never free: an intruder spinning on `SET NX`
-/// against one node never gets in while tasks of the process pass the lock along.
-///
+/// against one node never gets in while tasks of the process pass the lock along. With
+/// fencing every hand-off swaps the value in a round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_never_free_during_swap_hand_offs() {
+    chain_against_an_intruder(true).await;
+}
+
+/// The same without fencing, where hand-offs pass the lock on without a round for as long
+/// as its validity allows, then swap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_never_free_during_hand_offs_without_rounds() {
+    chain_against_an_intruder(false).await;
+}
+
 /// Every task queues before the chain starts, so each release but the last finds a waiter
 /// and hands off; a task that queued late would find none and release for real, which is
 /// how the lock is meant to behave, not a gap in the chain.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keys_are_never_free_during_hand_offs() {
+async fn chain_against_an_intruder(fencing: bool) {
     const TASKS: usize = 50;
     let cluster = Cluster::start(3).await;
     let locks = Redlock::builder()
         .nodes(cluster.urls())
         .node_timeout(TEST_NODE_TIMEOUT)
         .max_local_handoffs(usize::MAX)
+        .fencing(fencing)
         .build()
         .await
         .unwrap();
@@ -143,7 +165,9 @@ async fn keys_are_never_free_during_hand_offs() {
                     .lock("local:chain", Duration::from_secs(10))
                     .await
                     .unwrap();
-                tokio::task::yield_now().await;
+                // Long enough for the intruder to try a few times per holder: hand-offs
+                // without a round take no time at all.
+                tokio::time::sleep(Duration::from_millis(1)).await;
                 if taken.fetch_add(1, Ordering::SeqCst) + 1 == TASKS {
                     chain_over.store(true, Ordering::SeqCst);
                 }
@@ -193,9 +217,11 @@ fn a_slow_nodes_late_grants_stay_with_the_chain() {
         for i in 1..3 {
             cluster.node(i).set_max_delay(Duration::from_micros(100));
         }
+        // Fencing makes every hand-off a swap round: without it, most would need no round.
         let locks = Redlock::builder()
             .node_timeout(Duration::from_millis(50))
             .max_local_handoffs(usize::MAX)
+            .fencing(true)
             .build_simulated(&cluster)
             .await
             .unwrap();
@@ -324,4 +350,121 @@ fn a_cancelled_acquire_passes_its_turn_on_after_its_keys_are_gone() {
         checked >= 12,
         "too few seeds cancelled mid-round: {checked}"
     );
+}
+
+/// Without fencing, a lock handed on while its validity lasts takes no round at all: with
+/// every node paused, a chain of local waiters still gets through, each with the holder's
+/// value and deadline. The chain's last holder then releases for real.
+#[test]
+fn a_hand_off_within_the_validity_needs_no_round() {
+    const KEY: &str = "local:no-round";
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let cluster = SimCluster::new(3, 3);
+        let locks = Redlock::builder()
+            .node_timeout(Duration::from_millis(50))
+            .build_simulated(&cluster)
+            .await
+            .unwrap();
+        let first = locks.lock(KEY, Duration::from_secs(10)).await.unwrap();
+        let (value, deadline) = (
+            first.value().to_owned(),
+            tokio::time::Instant::now() + first.validity(),
+        );
+        let waiters: Vec<_> = (0..4)
+            .map(|_| {
+                let locks = locks.clone();
+                tokio::spawn(async move { locks.lock(KEY, Duration::from_secs(10)).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        for i in 0..3 {
+            cluster.node(i).pause();
+        }
+        let mut holder = first;
+        for (n, waiter) in waiters.into_iter().enumerate() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            holder.release().await.unwrap();
+            holder = tokio::time::timeout(Duration::from_millis(1), waiter)
+                .await
+                .unwrap_or_else(|_| panic!("waiter {n} needed the paused nodes"))
+                .unwrap()
+                .unwrap();
+            assert_eq!(holder.value(), value, "waiter {n}");
+            let its_deadline = tokio::time::Instant::now() + holder.validity();
+            assert!(
+                its_deadline <= deadline && deadline - its_deadline < Duration::from_millis(1),
+                "waiter {n}: the chain's deadline is kept, not renewed"
+            );
+        }
+        for i in 0..3 {
+            cluster.node(i).unpause();
+            assert_eq!(cluster.node(i).holds(KEY).as_deref(), Some(value.as_str()));
+        }
+        holder.release().await.unwrap();
+        for i in 0..3 {
+            assert_eq!(cluster.node(i).holds(KEY), None, "node {i}");
+        }
+    });
+}
+
+/// Once the chain's validity has fallen below what a fresh round would give (the TTL less
+/// drift and the node timeout), or with fencing, a hand-off is a swap round: a fresh value,
+/// a fresh deadline, and with fencing a larger token.
+#[test]
+fn a_hand_off_swaps_once_the_validity_runs_low_or_with_fencing() {
+    const KEY: &str = "local:swap";
+    for fencing in [false, true] {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let cluster = SimCluster::new(3, 5);
+            let locks = Redlock::builder()
+                .node_timeout(Duration::from_millis(50))
+                .fencing(fencing)
+                .build_simulated(&cluster)
+                .await
+                .unwrap();
+            let ttl = Duration::from_secs(1);
+            let first = locks.lock(KEY, ttl).await.unwrap();
+            let waiter = {
+                let locks = locks.clone();
+                tokio::spawn(async move { locks.lock(KEY, ttl).await })
+            };
+            // Without fencing, 100 ms in, 890 ms of validity are left: under the floor of
+            // 1 000 less 10 ms of drift and 50 ms of node timeout. With fencing, 5 ms in,
+            // when a lock without fencing would still be passed on as it is.
+            let wait = if fencing { 5 } else { 100 };
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            let left = first.validity();
+            let (value, token) = (first.value().to_owned(), first.fencing_token());
+            first.release().await.unwrap();
+            let second = waiter.await.unwrap().unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            assert_ne!(second.value(), value, "fencing {fencing}");
+            assert!(second.validity() > left, "fencing {fencing}");
+            assert_eq!(second.fencing_token().is_some(), fencing);
+            if fencing {
+                assert!(second.fencing_token() > token);
+            }
+            for i in 0..3 {
+                assert_eq!(
+                    cluster.node(i).holds(KEY).as_deref(),
+                    Some(second.value()),
+                    "fencing {fencing}: node {i}"
+                );
+            }
+            second.release().await.unwrap();
+            for i in 0..3 {
+                assert_eq!(cluster.node(i).holds(KEY), None, "node {i}");
+            }
+        });
+    }
 }

@@ -127,10 +127,14 @@ impl RedlockBuilder {
     /// How many times in a row a lock may pass directly from one task of this process to
     /// another that waits for it (default 8; 0 turns hand-offs off).
     ///
-    /// A hand-off swaps the lock's value for a fresh one in one round, without the keys ever
-    /// being free, instead of a release followed by an acquire: it roughly doubles the rate
-    /// at which contending tasks of one process get through. After this many in a row the
-    /// lock is released for real, so that other processes get their chance at it.
+    /// A hand-off replaces a release followed by an acquire, and the keys are never free in
+    /// between. Without fencing, while the lock's validity is at least what a fresh round
+    /// could give (the TTL less drift and the node timeout, and at least half of it), the
+    /// next task takes the lock over as it is: the same value and deadline, with no Redis
+    /// round at all. Otherwise, and always with fencing (each holder needs its own token),
+    /// one round swaps the value for a fresh one and renews the TTL. After this many
+    /// hand-offs in a row the lock is released for real, so that other processes get their
+    /// chance at it.
     pub fn max_local_handoffs(mut self, n: usize) -> Self {
         self.max_local_handoffs = n;
         self

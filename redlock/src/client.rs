@@ -232,6 +232,8 @@ pub(crate) struct Granted {
     pub(crate) token: Option<u64>,
     /// Set when the acquisition is over, so that late grants are taken back.
     pub(crate) over: Arc<AtomicBool>,
+    /// In-process hand-offs since the lock was acquired from free keys.
+    pub(crate) handoffs: usize,
 }
 
 impl Redlock {
@@ -431,6 +433,10 @@ impl Redlock {
         async move {
             let mut turn = LocalTurn::wait(self, &keys, policy).await?;
             let mut baton = turn.take_baton().await;
+            if let Some(granted) = baton.as_ref().and_then(|b| self.pass_on(b, ttl)) {
+                tracing::Span::current().record("attempts", 0);
+                return Ok(LockGuard::new(self.clone(), keys, ttl, granted, Some(turn)));
+            }
             // An Option so that a round dropped mid-flight can hand it to its cleanup.
             let mut turn = Some(turn);
             let mut attempt = 0u32;
@@ -473,6 +479,26 @@ impl Redlock {
         }
         .instrument(span)
         .await
+    }
+
+    /// Takes over a lock that the previous holder in this process handed on, as it is: no
+    /// round, the same value and the validity the chain already has. Only without fencing,
+    /// where a holder needs no token of its own, and only while that validity is at least
+    /// what a fresh round could leave after using its whole node timeout (and at least half
+    /// of what `ttl` gives), so that a waiter never gets noticeably less than it asked for.
+    fn pass_on(&self, baton: &Baton, ttl: Duration) -> Option<Granted> {
+        if self.inner.fencing {
+            return None;
+        }
+        let full = ttl - self.drift(ttl);
+        let floor = full.saturating_sub(self.inner.node_timeout).max(full / 2);
+        (baton.valid_until >= Instant::now() + floor).then(|| Granted {
+            values: baton.values.clone(),
+            valid_until: baton.valid_until,
+            token: None,
+            over: baton.over.clone(),
+            handoffs: baton.handoffs + 1,
+        })
     }
 
     /// One acquire round on all nodes in parallel, decided as soon as it is certain. With
@@ -603,6 +629,7 @@ impl Redlock {
                     valid_until,
                     token: fenced.then_some(replies.highest as u64),
                     over: over.clone(),
+                    handoffs: from.map_or(0, |b| b.handoffs + 1),
                 });
             }
             Decision::Reached => Error::ExpiredDuringAcquire {

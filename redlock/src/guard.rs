@@ -11,7 +11,7 @@ use tracing::Instrument;
 
 use crate::client::{Granted, Redlock};
 use crate::error::{Error, LostReason};
-use crate::local::LocalTurn;
+use crate::local::{Baton, LocalTurn};
 use crate::quorum::Decision;
 
 /// A held lock on one or more resources.
@@ -37,6 +37,9 @@ pub struct LockGuard {
     /// node arriving later is taken back. A hand-off passes it on instead: the next holder
     /// owns our values too, so a late grant of ours is still theirs.
     over: Arc<AtomicBool>,
+    /// How many in-process hand-offs led to this guard since the lock was last acquired
+    /// from free keys.
+    handoffs: usize,
     /// `None` once released or abandoned: Drop then does nothing.
     turn: Option<LocalTurn>,
 }
@@ -67,6 +70,7 @@ impl LockGuard {
             valid_until: granted.valid_until,
             token: granted.token,
             over: granted.over,
+            handoffs: granted.handoffs,
             turn,
         }
     }
@@ -82,7 +86,9 @@ impl LockGuard {
     }
 
     /// The random value stored under each key: lets a service in another language check
-    /// ownership the way node-redlock and redsync do.
+    /// ownership the way node-redlock and redsync do. A lock handed on within this process
+    /// without a round keeps its value (see
+    /// [`max_local_handoffs`](crate::RedlockBuilder::max_local_handoffs)).
     pub fn value(&self) -> &str {
         &self.values[0]
     }
@@ -244,11 +250,17 @@ impl LockGuard {
 impl LockGuard {
     /// Passes the lock to a task of this process that waits for it, if there is one.
     fn hand_off(&self, turn: &mut Option<LocalTurn>) -> bool {
+        let baton = || Baton {
+            values: self.values.clone(),
+            over: self.over.clone(),
+            valid_until: self.valid_until,
+            handoffs: self.handoffs,
+        };
         let handed = turn
             .as_mut()
-            .is_some_and(|t| t.hand_off(&self.values, &self.over));
+            .is_some_and(|t| t.hand_off(baton, self.handoffs));
         if handed {
-            tracing::debug!(resource = %self.keys[0], chain = self.values.len(), "lock handed to a waiting task of this process");
+            tracing::debug!(resource = %self.keys[0], chain = self.handoffs + 1, "lock handed to a waiting task of this process");
         }
         handed
     }

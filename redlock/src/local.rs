@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+use tokio::time::Instant;
 
 use crate::client::Redlock;
 use crate::error::Error;
@@ -23,6 +24,10 @@ pub(crate) struct Baton {
     /// grant from an earlier hand-off sets a value the later holders own too, so it is
     /// taken back only once the last of them is done, not while the chain still holds it.
     pub(crate) over: Arc<AtomicBool>,
+    /// Until when the chain's last holder could count on the lock.
+    pub(crate) valid_until: Instant,
+    /// How many hand-offs the chain has made so far.
+    pub(crate) handoffs: usize,
 }
 
 impl Baton {
@@ -119,21 +124,19 @@ impl LocalTurn {
 
     /// Leaves the lock to the next task of this process that waits for it, instead of
     /// releasing: only for a single resource, only when someone waits, and only while the
-    /// chain of hand-offs is short enough for other processes to get a turn.
-    pub(crate) fn hand_off(&mut self, values: &[Arc<str>], over: &Arc<AtomicBool>) -> bool {
+    /// chain of hand-offs is short enough for other processes to get a turn. `baton` is
+    /// what the holder has; its `handoffs` counts the hand-offs before this one.
+    pub(crate) fn hand_off(&mut self, baton: impl FnOnce() -> Baton, handoffs: usize) -> bool {
         let [slot] = self.guards.as_mut_slice() else {
             return false;
         };
         // The map holds one reference and this guard another; any more are waiters.
-        if values.len() > self.client.max_local_handoffs()
+        if handoffs >= self.client.max_local_handoffs()
             || Arc::strong_count(OwnedMutexGuard::mutex(slot)) <= 2
         {
             return false;
         }
-        **slot = Some(Baton {
-            values: values.to_vec(),
-            over: over.clone(),
-        });
+        **slot = Some(baton());
         true
     }
 }
