@@ -1,7 +1,7 @@
 //! Tasks of one process that want the same resource queue in-process: `try_lock` fails at
 //! once without asking the nodes, and `lock` gets the resource as soon as the holder
-//! releases, handed over without the keys ever being free: as it is, with no round, while
-//! its validity lasts and fencing is off, else in one swap round.
+//! releases, handed over without the keys ever being free: as it is, with no round (and
+//! with fencing the next reserved token), while its validity lasts, else in one swap round.
 
 mod support;
 
@@ -85,15 +85,15 @@ async fn local_waiters_are_handed_the_lock_without_retry_delay() {
 }
 
 /// Within a hand-off chain the keys are never free: an intruder spinning on `SET NX`
-/// against one node never gets in while tasks of the process pass the lock along. With
-/// fencing every hand-off swaps the value in a round.
+/// against one node never gets in while tasks of the process pass the lock along, here
+/// with every hand-off a swap round. Tokens grow along the chain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_are_never_free_during_swap_hand_offs() {
     chain_against_an_intruder(true).await;
 }
 
-/// The same without fencing, where hand-offs pass the lock on without a round for as long
-/// as its validity allows, then swap.
+/// The same with hand-offs as they are by default: without a round, with the next of the
+/// tokens reserved in the last round, until the reserved run is used up; then a swap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_are_never_free_during_hand_offs_without_rounds() {
     chain_against_an_intruder(false).await;
@@ -102,17 +102,18 @@ async fn keys_are_never_free_during_hand_offs_without_rounds() {
 /// Every task queues before the chain starts, so each release but the last finds a waiter
 /// and hands off; a task that queued late would find none and release for real, which is
 /// how the lock is meant to behave, not a gap in the chain.
-async fn chain_against_an_intruder(fencing: bool) {
-    const TASKS: usize = 50;
+async fn chain_against_an_intruder(swap_every_hand_off: bool) {
+    const TASKS: usize = 80;
     let cluster = Cluster::start(3).await;
-    let locks = Redlock::builder()
+    let mut builder = Redlock::builder()
         .nodes(cluster.urls())
         .node_timeout(TEST_NODE_TIMEOUT)
         .max_local_handoffs(usize::MAX)
-        .fencing(fencing)
-        .build()
-        .await
-        .unwrap();
+        .fencing(true);
+    if swap_every_hand_off {
+        builder = builder.swap_every_hand_off();
+    }
+    let locks = builder.build().await.unwrap();
     // Held on every node before the intruder starts, so a win can only come from a gap.
     let first = locks
         .lock("local:chain", Duration::from_secs(10))
@@ -150,13 +151,15 @@ async fn chain_against_an_intruder(fencing: bool) {
     };
     let queued = Arc::new(AtomicUsize::new(0));
     let taken = Arc::new(AtomicUsize::new(0));
+    let tokens = Arc::new(std::sync::Mutex::new(vec![first.fencing_token().unwrap()]));
     let tasks: Vec<_> = (0..TASKS)
         .map(|_| {
-            let (locks, queued, taken, chain_over) = (
+            let (locks, queued, taken, chain_over, tokens) = (
                 locks.clone(),
                 queued.clone(),
                 taken.clone(),
                 chain_over.clone(),
+                tokens.clone(),
             );
             tokio::spawn(async move {
                 // `lock` joins the local queue in its first poll, the same one as this count.
@@ -165,6 +168,7 @@ async fn chain_against_an_intruder(fencing: bool) {
                     .lock("local:chain", Duration::from_secs(10))
                     .await
                     .unwrap();
+                tokens.lock().unwrap().push(g.fencing_token().unwrap());
                 // Long enough for the intruder to try a few times per holder: hand-offs
                 // without a round take no time at all.
                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -195,6 +199,12 @@ async fn chain_against_an_intruder(fencing: bool) {
         wins, 0,
         "the keys were free {wins} times while the chain held them"
     );
+    let tokens = tokens.lock().unwrap().clone();
+    assert_eq!(tokens.len(), TASKS + 1);
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "tokens must grow along the chain: {tokens:?}"
+    );
     cluster.assert_no_keys().await;
     cluster.teardown().await;
 }
@@ -217,11 +227,11 @@ fn a_slow_nodes_late_grants_stay_with_the_chain() {
         for i in 1..3 {
             cluster.node(i).set_max_delay(Duration::from_micros(100));
         }
-        // Fencing makes every hand-off a swap round: without it, most would need no round.
+        // Hand-offs here are all swap rounds, whose late grants this is about.
         let locks = Redlock::builder()
             .node_timeout(Duration::from_millis(50))
             .max_local_handoffs(usize::MAX)
-            .fencing(true)
+            .swap_every_hand_off()
             .build_simulated(&cluster)
             .await
             .unwrap();
@@ -352,71 +362,88 @@ fn a_cancelled_acquire_passes_its_turn_on_after_its_keys_are_gone() {
     );
 }
 
-/// Without fencing, a lock handed on while its validity lasts takes no round at all: with
-/// every node paused, a chain of local waiters still gets through, each with the holder's
-/// value and deadline. The chain's last holder then releases for real.
+/// A lock handed on while its validity lasts takes no round at all: with every node
+/// paused, a chain of local waiters still gets through, each with the holder's value and
+/// deadline, and with fencing each with the next token. The chain's last holder then
+/// releases for real.
 #[test]
 fn a_hand_off_within_the_validity_needs_no_round() {
     const KEY: &str = "local:no-round";
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let cluster = SimCluster::new(3, 3);
-        let locks = Redlock::builder()
-            .node_timeout(Duration::from_millis(50))
-            .build_simulated(&cluster)
-            .await
+    for fencing in [false, true] {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
             .unwrap();
-        let first = locks.lock(KEY, Duration::from_secs(10)).await.unwrap();
-        let (value, deadline) = (
-            first.value().to_owned(),
-            tokio::time::Instant::now() + first.validity(),
-        );
-        let waiters: Vec<_> = (0..4)
-            .map(|_| {
-                let locks = locks.clone();
-                tokio::spawn(async move { locks.lock(KEY, Duration::from_secs(10)).await })
-            })
-            .collect();
-        tokio::task::yield_now().await;
-        for i in 0..3 {
-            cluster.node(i).pause();
-        }
-        let mut holder = first;
-        for (n, waiter) in waiters.into_iter().enumerate() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            holder.release().await.unwrap();
-            holder = tokio::time::timeout(Duration::from_millis(1), waiter)
+        rt.block_on(async {
+            let cluster = SimCluster::new(3, 3);
+            let locks = Redlock::builder()
+                .node_timeout(Duration::from_millis(50))
+                .fencing(fencing)
+                .build_simulated(&cluster)
                 .await
-                .unwrap_or_else(|_| panic!("waiter {n} needed the paused nodes"))
-                .unwrap()
                 .unwrap();
-            assert_eq!(holder.value(), value, "waiter {n}");
-            let its_deadline = tokio::time::Instant::now() + holder.validity();
-            assert!(
-                its_deadline <= deadline && deadline - its_deadline < Duration::from_millis(1),
-                "waiter {n}: the chain's deadline is kept, not renewed"
+            let first = locks.lock(KEY, Duration::from_secs(10)).await.unwrap();
+            let (value, deadline, token) = (
+                first.value().to_owned(),
+                tokio::time::Instant::now() + first.validity(),
+                first.fencing_token(),
             );
-        }
-        for i in 0..3 {
-            cluster.node(i).unpause();
-            assert_eq!(cluster.node(i).holds(KEY).as_deref(), Some(value.as_str()));
-        }
-        holder.release().await.unwrap();
-        for i in 0..3 {
-            assert_eq!(cluster.node(i).holds(KEY), None, "node {i}");
-        }
-    });
+            assert_eq!(token.is_some(), fencing);
+            let waiters: Vec<_> = (0..4)
+                .map(|_| {
+                    let locks = locks.clone();
+                    tokio::spawn(async move { locks.lock(KEY, Duration::from_secs(10)).await })
+                })
+                .collect();
+            tokio::task::yield_now().await;
+            for i in 0..3 {
+                cluster.node(i).pause();
+            }
+            let mut holder = first;
+            for (n, waiter) in waiters.into_iter().enumerate() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                holder.release().await.unwrap();
+                holder = tokio::time::timeout(Duration::from_millis(1), waiter)
+                    .await
+                    .unwrap_or_else(|_| panic!("fencing {fencing}: waiter {n} needed the nodes"))
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(holder.value(), value, "fencing {fencing}: waiter {n}");
+                let its_deadline = tokio::time::Instant::now() + holder.validity();
+                assert!(
+                    its_deadline <= deadline && deadline - its_deadline < Duration::from_millis(1),
+                    "fencing {fencing}: waiter {n}: the chain's deadline is kept, not renewed"
+                );
+                assert_eq!(
+                    holder.fencing_token(),
+                    token.map(|t| t + 1 + n as u64),
+                    "waiter {n}"
+                );
+            }
+            for i in 0..3 {
+                cluster.node(i).unpause();
+                assert_eq!(cluster.node(i).holds(KEY).as_deref(), Some(value.as_str()));
+            }
+            holder.release().await.unwrap();
+            for i in 0..3 {
+                assert_eq!(cluster.node(i).holds(KEY), None, "node {i}");
+            }
+            // The tokens handed on were reserved: the next acquisition outranks them all.
+            if fencing {
+                let next = locks.lock(KEY, Duration::from_secs(10)).await.unwrap();
+                assert!(next.fencing_token() > token.map(|t| t + 4));
+                next.release().await.unwrap();
+            }
+        });
+    }
 }
 
 /// Once the chain's validity has fallen below what a fresh round would give (the TTL less
-/// drift and the node timeout), or with fencing, a hand-off is a swap round: a fresh value,
-/// a fresh deadline, and with fencing a larger token.
+/// drift and the node timeout), a hand-off is a swap round: a fresh value, a fresh
+/// deadline, and with fencing a larger token.
 #[test]
-fn a_hand_off_swaps_once_the_validity_runs_low_or_with_fencing() {
+fn a_hand_off_swaps_once_the_validity_runs_low() {
     const KEY: &str = "local:swap";
     for fencing in [false, true] {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -438,11 +465,9 @@ fn a_hand_off_swaps_once_the_validity_runs_low_or_with_fencing() {
                 let locks = locks.clone();
                 tokio::spawn(async move { locks.lock(KEY, ttl).await })
             };
-            // Without fencing, 100 ms in, 890 ms of validity are left: under the floor of
-            // 1 000 less 10 ms of drift and 50 ms of node timeout. With fencing, 5 ms in,
-            // when a lock without fencing would still be passed on as it is.
-            let wait = if fencing { 5 } else { 100 };
-            tokio::time::sleep(Duration::from_millis(wait)).await;
+            // 100 ms in, 890 ms of validity are left: under the floor of 1 000 less 10 ms
+            // of drift and 50 ms of node timeout.
+            tokio::time::sleep(Duration::from_millis(100)).await;
             let left = first.validity();
             let (value, token) = (first.value().to_owned(), first.fencing_token());
             first.release().await.unwrap();
@@ -467,4 +492,105 @@ fn a_hand_off_swaps_once_the_validity_runs_low_or_with_fencing() {
             }
         });
     }
+}
+
+/// With fencing, a chain hands on without a round only the tokens its last round reserved
+/// (`max_local_handoffs`, at most 64): the hand-off after that is a swap round, and the
+/// tokens keep growing across it.
+#[test]
+fn a_fenced_chain_swaps_once_its_reserved_tokens_run_out() {
+    const KEY: &str = "local:reserved";
+    const WAITERS: usize = 70;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let cluster = SimCluster::new(3, 13);
+        let locks = Redlock::builder()
+            .node_timeout(Duration::from_millis(50))
+            .max_local_handoffs(usize::MAX)
+            .fencing(true)
+            .build_simulated(&cluster)
+            .await
+            .unwrap();
+        let first = locks.lock(KEY, Duration::from_secs(10)).await.unwrap();
+        let waiters: Vec<_> = (0..WAITERS)
+            .map(|_| {
+                let locks = locks.clone();
+                tokio::spawn(async move { locks.lock(KEY, Duration::from_secs(10)).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        let mut seen = vec![(first.value().to_owned(), first.fencing_token().unwrap())];
+        let mut holder = first;
+        for waiter in waiters {
+            holder.release().await.unwrap();
+            holder = waiter.await.unwrap().unwrap();
+            seen.push((holder.value().to_owned(), holder.fencing_token().unwrap()));
+        }
+        holder.release().await.unwrap();
+        assert!(seen.windows(2).all(|w| w[0].1 < w[1].1), "{seen:?}");
+        // The first holder and the 64 after it share the first round's value.
+        let swaps: Vec<usize> = (1..seen.len())
+            .filter(|&i| seen[i].0 != seen[i - 1].0)
+            .collect();
+        assert_eq!(swaps, [65], "hand-offs that took a round");
+        for i in 0..3 {
+            assert_eq!(cluster.node(i).holds(KEY), None, "node {i}");
+        }
+    });
+}
+
+/// A node that missed a hand-off still holds the chain's earlier value, which the chain
+/// owns: `extend` renews it there too, so that node does not fall free at the old TTL
+/// while the lock is held (which would leave the lock one failure from losing its quorum).
+#[test]
+fn extend_renews_a_node_that_missed_a_hand_off() {
+    const KEY: &str = "local:extend-chain";
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let cluster = SimCluster::new(3, 9);
+        let locks = Redlock::builder()
+            .node_timeout(Duration::from_millis(50))
+            .swap_every_hand_off()
+            .build_simulated(&cluster)
+            .await
+            .unwrap();
+        let first = locks.lock(KEY, Duration::from_secs(1)).await.unwrap();
+        let old = first.value().to_owned();
+        let waiter = {
+            let locks = locks.clone();
+            tokio::spawn(async move { locks.lock(KEY, Duration::from_secs(1)).await })
+        };
+        tokio::task::yield_now().await;
+        // Node 2 loses the swap: the round decides on nodes 0 and 1.
+        cluster.node(2).set_drop_rate(1.0);
+        first.release().await.unwrap();
+        let mut second = waiter.await.unwrap().unwrap();
+        cluster.node(2).set_drop_rate(0.0);
+        assert_ne!(second.value(), old);
+        assert_eq!(cluster.node(2).holds(KEY).as_deref(), Some(old.as_str()));
+
+        second.extend(Duration::from_secs(5)).await.unwrap();
+        // Past the first TTL, well within the extension.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        assert_eq!(
+            cluster.node(2).holds(KEY).as_deref(),
+            Some(old.as_str()),
+            "node 2's key was not renewed"
+        );
+        for i in 0..2 {
+            assert_eq!(cluster.node(i).holds(KEY).as_deref(), Some(second.value()));
+        }
+        second.release().await.unwrap();
+        for i in 0..3 {
+            assert_eq!(cluster.node(i).holds(KEY), None, "node {i}");
+        }
+    });
 }

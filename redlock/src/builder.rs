@@ -59,6 +59,8 @@ pub struct RedlockBuilder {
     jitter_seed: Option<u64>,
     #[cfg(feature = "sim")]
     write_back: bool,
+    #[cfg(feature = "sim")]
+    pass_on: bool,
 }
 
 impl Default for RedlockBuilder {
@@ -76,6 +78,8 @@ impl Default for RedlockBuilder {
             jitter_seed: None,
             #[cfg(feature = "sim")]
             write_back: true,
+            #[cfg(feature = "sim")]
+            pass_on: true,
         }
     }
 }
@@ -128,13 +132,14 @@ impl RedlockBuilder {
     /// another that waits for it (default 8; 0 turns hand-offs off).
     ///
     /// A hand-off replaces a release followed by an acquire, and the keys are never free in
-    /// between. Without fencing, while the lock's validity is at least what a fresh round
-    /// could give (the TTL less drift and the node timeout, and at least half of it), the
-    /// next task takes the lock over as it is: the same value and deadline, with no Redis
-    /// round at all. Otherwise, and always with fencing (each holder needs its own token),
-    /// one round swaps the value for a fresh one and renews the TTL. After this many
-    /// hand-offs in a row the lock is released for real, so that other processes get their
-    /// chance at it.
+    /// between. While the lock's validity is at least what a fresh round could give (the
+    /// TTL less drift and the node timeout, and at least half of it), the next task takes
+    /// the lock over as it is: the same value and deadline, with no Redis round at all.
+    /// With fencing it gets the next of the tokens that the lock's last round reserved
+    /// (this many, at most 64): every later acquisition's token outranks them. Otherwise
+    /// one round swaps the value for a fresh one and renews the TTL (and, with fencing,
+    /// the reserved tokens). After this many hand-offs in a row the lock is released for
+    /// real, so that other processes get their chance at it.
     pub fn max_local_handoffs(mut self, n: usize) -> Self {
         self.max_local_handoffs = n;
         self
@@ -239,6 +244,15 @@ impl RedlockBuilder {
         self
     }
 
+    /// Makes every in-process hand-off a swap round (feature `sim`), as if validity were
+    /// always short: for tests of what happens around those rounds.
+    #[cfg(feature = "sim")]
+    #[doc(hidden)]
+    pub fn swap_every_hand_off(mut self) -> Self {
+        self.pass_on = false;
+        self
+    }
+
     fn check_settings(&self) -> Result<(), Error> {
         if !(self.drift_factor >= 0.0 && self.drift_factor < 0.5) {
             return Err(Error::config(
@@ -291,6 +305,7 @@ impl RedlockBuilder {
                 .jitter_seed
                 .map(|seed| std::sync::Mutex::new(rand::rngs::SmallRng::seed_from_u64(seed)));
             inner.write_back = self.write_back;
+            inner.pass_on = self.pass_on;
         }
         let client = Redlock::from_inner(inner);
         // A new cluster is initialised here, and nodes that came up empty are seeded, so

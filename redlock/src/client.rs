@@ -64,6 +64,8 @@ pub(crate) struct Inner {
     pub(crate) jitter: Option<StdMutex<SmallRng>>,
     /// Off only in simulations that show the checker catches a missing write-back.
     pub(crate) write_back: bool,
+    /// Off only in tests that need every hand-off to be a swap round.
+    pub(crate) pass_on: bool,
     /// Tasks of this process that want the same resource queue here instead of hammering
     /// the nodes: one of them contends in Redis, the rest wait for a hand-off.
     local: Slots,
@@ -91,6 +93,7 @@ impl Inner {
             seeding: AtomicBool::new(false),
             jitter: None,
             write_back: true,
+            pass_on: true,
             local: Slots::default(),
         }
     }
@@ -153,6 +156,11 @@ pub(crate) enum Until {
     /// grant that arrives later.
     Decided(Option<LateGrants>),
 }
+
+/// The most fencing tokens one acquisition reserves for hand-offs without a round (it
+/// reserves `max_local_handoffs`, up to this): a large `max_local_handoffs` does not use
+/// up the counters, and a longer chain takes a fresh run in a swap round.
+const MAX_RESERVED_TOKENS: usize = 64;
 
 /// How long calls a round no longer waits for may still finish in the background.
 const STRAGGLER_GRACE: Duration = Duration::from_secs(30);
@@ -230,6 +238,9 @@ pub(crate) struct Granted {
     pub(crate) valid_until: Instant,
     /// With fencing, the token of this acquisition.
     pub(crate) token: Option<u64>,
+    /// With fencing, the last token reserved with `token`: the chain may hand out the ones
+    /// in between without a round, and every later acquisition's token is larger.
+    pub(crate) last_token: u64,
     /// Set when the acquisition is over, so that late grants are taken back.
     pub(crate) over: Arc<AtomicBool>,
     /// In-process hand-offs since the lock was acquired from free keys.
@@ -301,7 +312,11 @@ impl Redlock {
     /// Tasks of this process that lock the same resource through clones of this client wait
     /// for each other in-process, for at most the retry policy's total wait, before they
     /// contend in Redis. A guard held in this process blocks them until it is released or
-    /// dropped, even past its validity: release guards promptly.
+    /// dropped, even past its validity: release guards promptly. The holder's release hands
+    /// the lock to the next of them (see
+    /// [`max_local_handoffs`](crate::RedlockBuilder::max_local_handoffs)): while the lock's
+    /// validity is still about what a fresh round would give, the guard then carries the
+    /// holder's value and deadline (and with fencing the next token), with no round at all.
     ///
     /// # Errors
     ///
@@ -482,20 +497,28 @@ impl Redlock {
     }
 
     /// Takes over a lock that the previous holder in this process handed on, as it is: no
-    /// round, the same value and the validity the chain already has. Only without fencing,
-    /// where a holder needs no token of its own, and only while that validity is at least
-    /// what a fresh round could leave after using its whole node timeout (and at least half
-    /// of what `ttl` gives), so that a waiter never gets noticeably less than it asked for.
+    /// round, the same value and the validity the chain already has, and with fencing the
+    /// next of the tokens reserved in the chain's last round. Only while that validity is at
+    /// least what a fresh round could leave after using its whole node timeout (and at least
+    /// half of what `ttl` gives), so that a waiter never gets noticeably less than it asked
+    /// for, and with fencing only while reserved tokens are left.
     fn pass_on(&self, baton: &Baton, ttl: Duration) -> Option<Granted> {
-        if self.inner.fencing {
+        if !self.inner.pass_on {
             return None;
         }
+        let token = match baton.token {
+            // The next of the tokens reserved with the chain's last round.
+            Some(t) if t < baton.last_token => Some(t + 1),
+            Some(_) => return None,
+            None => None,
+        };
         let full = ttl - self.drift(ttl);
         let floor = full.saturating_sub(self.inner.node_timeout).max(full / 2);
         (baton.valid_until >= Instant::now() + floor).then(|| Granted {
             values: baton.values.clone(),
             valid_until: baton.valid_until,
-            token: None,
+            token,
+            last_token: baton.last_token,
             over: baton.over.clone(),
             handoffs: baton.handoffs + 1,
         })
@@ -523,6 +546,11 @@ impl Redlock {
         let ttl_ms = ttl.as_millis() as u64;
         let quarantine_ms = self.inner.quarantine.as_millis() as u64;
         let fenced_arg = u8::from(fenced);
+        let reserved = if fenced {
+            self.inner.max_local_handoffs.min(MAX_RESERVED_TOKENS) as u64
+        } else {
+            0
+        };
         // A hand-off continues its chain, so its late grants are the chain's to take back.
         let over = from.map_or_else(|| Arc::new(AtomicBool::new(false)), |b| b.over.clone());
         let mut cleanup = PendingCleanup {
@@ -544,10 +572,10 @@ impl Redlock {
             script_keys.push(scripts::NODE_KEY.to_owned());
             (
                 &scripts::ACQUIRE,
-                vec![&value, &ttl_ms, &quarantine_ms, &fenced_arg],
+                vec![&value, &ttl_ms, &quarantine_ms, &fenced_arg, &reserved],
             )
         } else {
-            let mut args: Vec<&dyn ToRedisArgsDyn> = vec![&value, &ttl_ms, &fenced_arg];
+            let mut args: Vec<&dyn ToRedisArgsDyn> = vec![&value, &ttl_ms, &fenced_arg, &reserved];
             args.extend(previous_strs.iter().map(|v| v as &dyn ToRedisArgsDyn));
             (&scripts::HANDOFF, args)
         };
@@ -575,7 +603,8 @@ impl Redlock {
         let mut failures = replies.failures;
 
         // With fencing the token is the largest counter the quorum issued. If the quorum
-        // did not all issue that one, raise their counters to it before handing it out.
+        // did not all issue that one, raise their counters to it and the tokens reserved
+        // after it before handing it out.
         let mut fence_failed = false;
         if fenced
             && self.inner.write_back
@@ -583,13 +612,13 @@ impl Redlock {
             && replies.highest != replies.lowest
         {
             let fence_keys = &script_keys[..2 * keys.len()];
-            let token = replies.highest;
+            let last_token = replies.highest + reserved as i64;
             let write_back = self
                 .broadcast(
                     "fence",
                     &scripts::FENCE,
                     fence_keys,
-                    &[&value, &token],
+                    &[&value, &last_token],
                     self.round_deadline(Instant::now(), valid_until),
                     Until::Decided(None),
                 )
@@ -628,6 +657,7 @@ impl Redlock {
                     values: values.clone(),
                     valid_until,
                     token: fenced.then_some(replies.highest as u64),
+                    last_token: replies.highest as u64 + reserved,
                     over: over.clone(),
                     handoffs: from.map_or(0, |b| b.handoffs + 1),
                 });
@@ -865,21 +895,26 @@ impl Redlock {
     }
 
     /// Compare-and-PEXPIRE on every node, decided at quorum, bounded by the node timeout
-    /// and the current validity. Never deletes anything.
+    /// and the current validity. A node counts when its keys hold any of `values` (the
+    /// acquisition's and its hand-off chain's). Never deletes anything.
     pub(crate) async fn extend_all(
         &self,
         keys: &[String],
-        value: &str,
+        values: &[Arc<str>],
         ttl: Duration,
         valid_until: Instant,
     ) -> Replies {
         let ttl_ms = ttl.as_millis() as u64;
+        let values: Vec<&str> = values.iter().map(|v| &**v).collect();
+        let mut args: Vec<&dyn ToRedisArgsDyn> = Vec::with_capacity(values.len() + 1);
+        args.push(&ttl_ms);
+        args.extend(values.iter().map(|v| v as &dyn ToRedisArgsDyn));
         let deadline = self.round_deadline(Instant::now(), valid_until);
         self.broadcast(
             "extend",
             &scripts::EXTEND,
             keys,
-            &[&value, &ttl_ms],
+            &args,
             deadline,
             Until::Decided(None),
         )

@@ -33,6 +33,8 @@ pub struct LockGuard {
     ttl: Duration,
     valid_until: Instant,
     token: Option<u64>,
+    /// With fencing, the last token reserved for hand-offs without a round.
+    last_token: u64,
     /// Set once this acquisition is over (released, dropped), so that a grant from a slow
     /// node arriving later is taken back. A hand-off passes it on instead: the next holder
     /// owns our values too, so a late grant of ours is still theirs.
@@ -69,6 +71,7 @@ impl LockGuard {
             ttl,
             valid_until: granted.valid_until,
             token: granted.token,
+            last_token: granted.last_token,
             over: granted.over,
             handoffs: granted.handoffs,
             turn,
@@ -162,7 +165,7 @@ impl LockGuard {
         let new_valid_until = start + ttl - self.client.drift(ttl);
         let replies = self
             .client
-            .extend_all(&self.keys, &self.values[0], ttl, self.valid_until)
+            .extend_all(&self.keys, &self.values, ttl, self.valid_until)
             .instrument(span.clone())
             .await;
         let (tally, failures) = (replies.tally, replies.failures);
@@ -255,6 +258,8 @@ impl LockGuard {
             over: self.over.clone(),
             valid_until: self.valid_until,
             handoffs: self.handoffs,
+            token: self.token,
+            last_token: self.last_token,
         };
         let handed = turn
             .as_mut()

@@ -28,6 +28,9 @@ pub(crate) struct Baton {
     pub(crate) valid_until: Instant,
     /// How many hand-offs the chain has made so far.
     pub(crate) handoffs: usize,
+    /// With fencing, the last holder's token and the last one reserved with it.
+    pub(crate) token: Option<u64>,
+    pub(crate) last_token: u64,
 }
 
 impl Baton {

@@ -261,8 +261,9 @@ fn live<'a>(data: &'a Data, key: &str, now: f64) -> Option<&'a str> {
         .map(|(v, _)| v.as_str())
 }
 
-/// Raises the counters of `fence_keys` to one more than the largest of them.
-fn next_token(data: &mut Data, fence_keys: &[String]) -> i64 {
+/// The next token: one more than the largest counter of `fence_keys`. Every counter is
+/// set to it plus the `reserved` tokens after it.
+fn next_token(data: &mut Data, fence_keys: &[String], reserved: i64) -> i64 {
     let token = fence_keys
         .iter()
         .map(|k| data.counters.get(k).copied().unwrap_or(0))
@@ -270,7 +271,7 @@ fn next_token(data: &mut Data, fence_keys: &[String]) -> i64 {
         .unwrap_or(0)
         + 1;
     for k in fence_keys {
-        data.counters.insert(k.clone(), token);
+        data.counters.insert(k.clone(), token + reserved);
     }
     token
 }
@@ -284,16 +285,16 @@ fn grant(
     n: usize,
     value: &str,
     ttl_ms: &str,
-    fenced: bool,
+    // With fencing: how many tokens to reserve after the one issued.
+    fence: Option<i64>,
 ) -> i64 {
     let expiry = now + int(ttl_ms) as f64;
     for k in &keys[..n] {
         data.locks.insert(k.clone(), (value.to_owned(), expiry));
     }
-    if fenced {
-        next_token(data, &keys[n..2 * n])
-    } else {
-        1
+    match fence {
+        Some(reserved) => next_token(data, &keys[n..2 * n], reserved),
+        None => 1,
     }
 }
 
@@ -330,7 +331,8 @@ fn run(
         if keys[..n].iter().any(|k| live(data, k, now).is_some()) {
             return Ok(0);
         }
-        Ok(grant(data, now, keys, n, &args[0], &args[1], fenced))
+        let fence = fenced.then(|| int(&args[4]));
+        Ok(grant(data, now, keys, n, &args[0], &args[1], fence))
     } else if hash == scripts::RELEASE.get_hash() {
         let mut deleted = 0;
         for k in keys {
@@ -341,13 +343,14 @@ fn run(
         }
         Ok(deleted)
     } else if hash == scripts::EXTEND.get_hash() {
+        let values = &args[1..];
         if keys
             .iter()
-            .any(|k| live(data, k, now) != Some(args[0].as_str()))
+            .any(|k| !live(data, k, now).is_some_and(|v| values.iter().any(|a| a == v)))
         {
             return Ok(0);
         }
-        let expiry = now + int(&args[1]) as f64;
+        let expiry = now + int(&args[0]) as f64;
         for k in keys {
             if let Some(entry) = data.locks.get_mut(k) {
                 entry.1 = expiry;
@@ -357,12 +360,13 @@ fn run(
     } else if hash == scripts::HANDOFF.get_hash() {
         let fenced = args[2] == "1";
         let n = if fenced { keys.len() / 2 } else { keys.len() };
-        let chain = &args[3..];
+        let chain = &args[4..];
         let ours = |k: &String| live(data, k, now).is_some_and(|v| chain.iter().any(|c| c == v));
         if !keys[..n].iter().all(ours) {
             return Ok(0);
         }
-        Ok(grant(data, now, keys, n, &args[0], &args[1], fenced))
+        let fence = fenced.then(|| int(&args[3]));
+        Ok(grant(data, now, keys, n, &args[0], &args[1], fence))
     } else if hash == scripts::FENCE.get_hash() {
         let n = keys.len() / 2;
         if keys[..n]

@@ -9,7 +9,9 @@
 -- client agrees without talking to the others.
 --
 -- With fencing, each resource has a counter; the acquisition's token is one more than the
--- largest counter among its resources, and every counter is set to it.
+-- largest counter among its resources, and every counter is set to it plus the tokens
+-- reserved with it: the client may hand those to the next holders in its process without
+-- a round, and every later acquisition's token is larger than all of them.
 --
 -- KEYS[1..n]      the resource keys (the resource names as given: the interop convention)
 -- KEYS[n+1..2n]   with fencing only: the resources' fence counter keys
@@ -19,8 +21,10 @@
 -- ARGV[2]         the TTL in milliseconds
 -- ARGV[3]         the quarantine in milliseconds, for a node seen empty for the first time
 -- ARGV[4]         1 with fencing, 0 without
+-- ARGV[5]         with fencing: how many tokens after this one to reserve (0 for none)
 --
--- Returns  >= 1  granted: the fencing token with fencing, else 1
+-- Returns  >= 1  granted: the fencing token with fencing (the first of the reserved
+--                run), else 1
 --             0  some key exists: nothing set
 --            -1  this node is in quarantine after a restart: nothing set
 --            -2  this node has not been seeded since it came up empty: nothing set
@@ -71,8 +75,9 @@ else
 end
 local token = 1
 if fenced and n == 1 then
-  -- One counter: INCR is the read and the write in one command.
-  token = redis.call('INCR', KEYS[2])
+  -- One counter: INCRBY is the read and the write in one command.
+  local reserved = tonumber(ARGV[5])
+  token = redis.call('INCRBY', KEYS[2], 1 + reserved) - reserved
 elseif fenced then
   local highest = 0
   for i = n + 1, 2 * n do
@@ -83,7 +88,7 @@ elseif fenced then
   end
   token = highest + 1
   for i = n + 1, 2 * n do
-    redis.call('SET', KEYS[i], token)
+    redis.call('SET', KEYS[i], token + tonumber(ARGV[5]))
   end
 end
 return token

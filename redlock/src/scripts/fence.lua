@@ -1,12 +1,13 @@
 -- fencelock: fence write-back
--- Raises each resource's fence counter to the acquisition's token, while the node still
--- holds our lock. After this has run on a quorum, any later acquisition's quorum meets a
--- node whose counter is at least this token, so its token is larger.
+-- Raises each resource's fence counter to the last token the acquisition may hand out
+-- (its own plus the ones reserved with it), while the node still holds our lock. After
+-- this has run on a quorum, any later acquisition's quorum meets a node whose counter is
+-- at least that, so its token is larger.
 --
 -- KEYS[1..n]      the resource keys
 -- KEYS[n+1..2n]   the resources' fence counter keys
 -- ARGV[1]         the lock value of this acquisition
--- ARGV[2]         the fencing token
+-- ARGV[2]         the fencing token plus the number of tokens reserved after it
 --
 -- Returns  1 when every key holds our value and every counter is at least the token;
 --          0 when a key no longer holds our value (nothing changed)

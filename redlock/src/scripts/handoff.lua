@@ -10,7 +10,8 @@
 -- ARGV[1]         the value of this acquisition: 128 random bits, unique to it
 -- ARGV[2]         the TTL in milliseconds
 -- ARGV[3]         1 with fencing, 0 without
--- ARGV[4..m]      the values of the hand-off chain so far, all held by this process (a node
+-- ARGV[4]         with fencing: how many tokens after this one to reserve, as in acquire
+-- ARGV[5..m]      the values of the hand-off chain so far, all held by this process (a node
 --                 that missed a hand-off still holds an earlier one)
 --
 -- Returns  >= 1  every key held a value of the chain and now holds the new one: the
@@ -24,7 +25,7 @@ end
 for i = 1, n do
   local current = redis.call('GET', KEYS[i])
   local ours = false
-  for j = 4, #ARGV do
+  for j = 5, #ARGV do
     if current == ARGV[j] then
       ours = true
       break
@@ -45,7 +46,7 @@ if fenced then
   end
   token = highest + 1
   for i = n + 1, 2 * n do
-    redis.call('SET', KEYS[i], token)
+    redis.call('SET', KEYS[i], token + tonumber(ARGV[4]))
   end
 end
 for i = 1, n do
