@@ -8,8 +8,9 @@
 //! `BENCH_RUNS=n` makes n runs instead, for a steadier median on a noisy machine.
 //!
 //! Contention is measured three ways: 16 tasks on one unfenced client (the headline: local
-//! hand-offs, most without a round), the same on a fenced client (each hand-off a round),
-//! and 16 clients of one task each, which is what 16 processes would see.
+//! hand-offs, most without a round), the same on a fenced client (each holder gets its own
+//! token: hand-offs without a round use tokens reserved by the last round), and 16 clients
+//! of one task each, which is what 16 processes would see.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -37,7 +38,7 @@ struct Row {
     par_rate: f64,
     cont_rate: f64,
     cont_gave_up: f64,
-    /// The same 16 tasks on a fenced client: every hand-off is a swap round.
+    /// The same 16 tasks on a fenced client: each holder needs its own token.
     cont_fenced_rate: f64,
     /// 16 tasks with a client each, as 16 processes would be: no local queue, every
     /// acquisition through Redis, retries after the default delay.
@@ -339,7 +340,7 @@ async fn main() {
         m(five, |r| r.cont_gave_up)
     );
     println!(
-        "    the same on a fenced client (every hand-off a round): {:.3}x; 16 clients of one task each: {:.4}x, gave up {:.0}",
+        "    the same on a fenced client: {:.3}x; 16 clients of one task each: {:.4}x, gave up {:.0}",
         ratio(|r| r.cont_fenced_rate, |r| r.raw50),
         ratio(|r| r.cont_apart_rate, |r| r.raw50),
         m(five, |r| r.cont_apart_gave_up)
