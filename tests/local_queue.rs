@@ -216,12 +216,7 @@ async fn chain_against_an_intruder(swap_every_hand_off: bool) {
 #[test]
 fn a_slow_nodes_late_grants_stay_with_the_chain() {
     const TASKS: usize = 40;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    on_paused_clock(async {
         let cluster = SimCluster::new(3, 7);
         cluster.node(0).set_max_delay(Duration::from_millis(5));
         for i in 1..3 {
@@ -296,12 +291,7 @@ fn a_cancelled_acquire_passes_its_turn_on_after_its_keys_are_gone() {
     const KEY: &str = "local:cancelled";
     let mut checked = 0;
     for seed in 0..24 {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        let waited = rt.block_on(async {
+        let waited = on_paused_clock(async {
             let cluster = SimCluster::new(3, seed);
             for i in 0..3 {
                 cluster.node(i).set_max_delay(Duration::from_millis(5));
@@ -370,12 +360,7 @@ fn a_cancelled_acquire_passes_its_turn_on_after_its_keys_are_gone() {
 fn a_hand_off_within_the_validity_needs_no_round() {
     const KEY: &str = "local:no-round";
     for fencing in [false, true] {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        on_paused_clock(async {
             let cluster = SimCluster::new(3, 3);
             let locks = Redlock::builder()
                 .node_timeout(Duration::from_millis(50))
@@ -446,12 +431,7 @@ fn a_hand_off_within_the_validity_needs_no_round() {
 fn a_hand_off_swaps_once_the_validity_runs_low() {
     const KEY: &str = "local:swap";
     for fencing in [false, true] {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        on_paused_clock(async {
             let cluster = SimCluster::new(3, 5);
             let locks = Redlock::builder()
                 .node_timeout(Duration::from_millis(50))
@@ -501,12 +481,7 @@ fn a_hand_off_swaps_once_the_validity_runs_low() {
 fn a_fenced_chain_swaps_once_its_reserved_tokens_run_out() {
     const KEY: &str = "local:reserved";
     const WAITERS: usize = 70;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    on_paused_clock(async {
         let cluster = SimCluster::new(3, 13);
         let locks = Redlock::builder()
             .node_timeout(Duration::from_millis(50))
@@ -549,12 +524,7 @@ fn a_fenced_chain_swaps_once_its_reserved_tokens_run_out() {
 #[test]
 fn extend_renews_a_node_that_missed_a_hand_off() {
     const KEY: &str = "local:extend-chain";
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    on_paused_clock(async {
         let cluster = SimCluster::new(3, 9);
         let locks = Redlock::builder()
             .node_timeout(Duration::from_millis(50))
@@ -593,4 +563,15 @@ fn extend_renews_a_node_that_missed_a_hand_off() {
             assert_eq!(cluster.node(i).holds(KEY), None, "node {i}");
         }
     });
+}
+
+/// Runs `test` on a current-thread runtime whose clock is paused: model nodes and the
+/// client then run on virtual time, deterministically.
+fn on_paused_clock<F: std::future::Future>(test: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap()
+        .block_on(test)
 }
