@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use fencelock::sim::SimCluster;
-use fencelock::{Error, ErrorKind, Redlock, RetryPolicy};
+use fencelock::{Error, ErrorKind, Redlock, RedlockBuilder, RetryPolicy};
 use support::{Cluster, TEST_NODE_TIMEOUT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,8 +223,7 @@ fn a_slow_nodes_late_grants_stay_with_the_chain() {
             cluster.node(i).set_max_delay(Duration::from_micros(100));
         }
         // Hand-offs here are all swap rounds, whose late grants this is about.
-        let locks = Redlock::builder()
-            .node_timeout(Duration::from_millis(50))
+        let locks = model_builder()
             .max_local_handoffs(usize::MAX)
             .swap_every_hand_off()
             .build_simulated(&cluster)
@@ -296,11 +295,7 @@ fn a_cancelled_acquire_passes_its_turn_on_after_its_keys_are_gone() {
             for i in 0..3 {
                 cluster.node(i).set_max_delay(Duration::from_millis(5));
             }
-            let locks = Redlock::builder()
-                .node_timeout(Duration::from_millis(50))
-                .build_simulated(&cluster)
-                .await
-                .unwrap();
+            let locks = model_builder().build_simulated(&cluster).await.unwrap();
             let first = {
                 let locks = locks.clone();
                 tokio::spawn(async move { locks.lock(KEY, Duration::from_secs(10)).await })
@@ -362,8 +357,7 @@ fn a_hand_off_within_the_validity_needs_no_round() {
     for fencing in [false, true] {
         on_paused_clock(async {
             let cluster = SimCluster::new(3, 3);
-            let locks = Redlock::builder()
-                .node_timeout(Duration::from_millis(50))
+            let locks = model_builder()
                 .fencing(fencing)
                 .build_simulated(&cluster)
                 .await
@@ -433,8 +427,7 @@ fn a_hand_off_swaps_once_the_validity_runs_low() {
     for fencing in [false, true] {
         on_paused_clock(async {
             let cluster = SimCluster::new(3, 5);
-            let locks = Redlock::builder()
-                .node_timeout(Duration::from_millis(50))
+            let locks = model_builder()
                 .fencing(fencing)
                 .build_simulated(&cluster)
                 .await
@@ -483,8 +476,7 @@ fn a_fenced_chain_swaps_once_its_reserved_tokens_run_out() {
     const WAITERS: usize = 70;
     on_paused_clock(async {
         let cluster = SimCluster::new(3, 13);
-        let locks = Redlock::builder()
-            .node_timeout(Duration::from_millis(50))
+        let locks = model_builder()
             .max_local_handoffs(usize::MAX)
             .fencing(true)
             .build_simulated(&cluster)
@@ -526,8 +518,7 @@ fn extend_renews_a_node_that_missed_a_hand_off() {
     const KEY: &str = "local:extend-chain";
     on_paused_clock(async {
         let cluster = SimCluster::new(3, 9);
-        let locks = Redlock::builder()
-            .node_timeout(Duration::from_millis(50))
+        let locks = model_builder()
             .swap_every_hand_off()
             .build_simulated(&cluster)
             .await
@@ -574,4 +565,9 @@ fn on_paused_clock<F: std::future::Future>(test: F) -> F::Output {
         .build()
         .unwrap()
         .block_on(test)
+}
+
+/// A builder for a client of model nodes, with a node timeout of 50 ms.
+fn model_builder() -> RedlockBuilder {
+    Redlock::builder().node_timeout(Duration::from_millis(50))
 }

@@ -230,21 +230,34 @@ pub(crate) struct ReleaseOutcome {
     pub(crate) failures: Vec<NodeFailure>,
 }
 
-/// What a successful acquire round hands to the guard.
+/// What a holder has: granted by an acquire round, or handed on without a round by the
+/// previous holder in this process (then it waits in the local queue as a baton).
+#[derive(Debug, Clone)]
 pub(crate) struct Granted {
     /// This acquisition's value first, then the values of the hand-off chain that led to
     /// it (empty for an acquisition from scratch); nodes may hold any of them.
     pub(crate) values: Vec<Arc<str>>,
+    /// Until when the holder can count on the lock (extensions move it).
     pub(crate) valid_until: Instant,
     /// With fencing, the token of this acquisition.
     pub(crate) token: Option<u64>,
     /// With fencing, the last token reserved with `token`: the chain may hand out the ones
     /// in between without a round, and every later acquisition's token is larger.
     pub(crate) last_token: u64,
-    /// Set when the acquisition is over, so that late grants are taken back.
+    /// Set when the acquisition is over, so that late grants are taken back. A hand-off
+    /// chain shares one: a slow node's grant from an earlier hand-off sets a value the
+    /// later holders own too, so it is taken back only once the last of them is done.
     pub(crate) over: Arc<AtomicBool>,
     /// In-process hand-offs since the lock was acquired from free keys.
     pub(crate) handoffs: usize,
+}
+
+impl Granted {
+    /// Ends a hand-off chain here: late grants from any of its rounds are taken back from
+    /// now on.
+    pub(crate) fn end(&self) {
+        self.over.store(true, Ordering::SeqCst);
+    }
 }
 
 impl Redlock {
@@ -515,12 +528,9 @@ impl Redlock {
         let full = ttl - self.drift(ttl);
         let floor = full.saturating_sub(self.inner.node_timeout).max(full / 2);
         (baton.valid_until >= Instant::now() + floor).then(|| Granted {
-            values: baton.values.clone(),
-            valid_until: baton.valid_until,
             token,
-            last_token: baton.last_token,
-            over: baton.over.clone(),
             handoffs: baton.handoffs + 1,
+            ..baton.clone()
         })
     }
 

@@ -2,7 +2,6 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -11,7 +10,7 @@ use tracing::Instrument;
 
 use crate::client::{Granted, Redlock};
 use crate::error::{Error, LostReason};
-use crate::local::{Baton, LocalTurn};
+use crate::local::LocalTurn;
 use crate::quorum::Decision;
 
 /// A held lock on one or more resources.
@@ -27,21 +26,12 @@ use crate::quorum::Decision;
 pub struct LockGuard {
     client: Redlock,
     keys: Arc<[String]>,
-    /// This acquisition's value first, then those of the in-process hand-off chain that led
-    /// to it: a node that missed a hand-off still holds one of those, and it is ours too.
-    values: Vec<Arc<str>>,
     ttl: Duration,
-    valid_until: Instant,
-    token: Option<u64>,
-    /// With fencing, the last token reserved for hand-offs without a round.
-    last_token: u64,
-    /// Set once this acquisition is over (released, dropped), so that a grant from a slow
-    /// node arriving later is taken back. A hand-off passes it on instead: the next holder
-    /// owns our values too, so a late grant of ours is still theirs.
-    over: Arc<AtomicBool>,
-    /// How many in-process hand-offs led to this guard since the lock was last acquired
-    /// from free keys.
-    handoffs: usize,
+    /// Values, validity, token and hand-off state. Its `over` flag is set once this
+    /// acquisition is over (released, dropped), so that a grant from a slow node arriving
+    /// later is taken back; a hand-off passes it on instead, since the next holder owns
+    /// our values too.
+    held: Granted,
     /// `None` once released or abandoned: Drop then does nothing.
     turn: Option<LocalTurn>,
 }
@@ -67,13 +57,8 @@ impl LockGuard {
         LockGuard {
             client,
             keys,
-            values: granted.values,
             ttl,
-            valid_until: granted.valid_until,
-            token: granted.token,
-            last_token: granted.last_token,
-            over: granted.over,
-            handoffs: granted.handoffs,
+            held: granted,
             turn,
         }
     }
@@ -93,7 +78,7 @@ impl LockGuard {
     /// without a round keeps its value (see
     /// [`max_local_handoffs`](crate::RedlockBuilder::max_local_handoffs)).
     pub fn value(&self) -> &str {
-        &self.values[0]
+        &self.held.values[0]
     }
 
     /// The fencing token of this acquisition, when the client has
@@ -101,7 +86,7 @@ impl LockGuard {
     /// every earlier holder of the same resources. Pass it to the resource you protect and
     /// have it reject anything older than the newest token it has seen.
     pub fn fencing_token(&self) -> Option<u64> {
-        self.token
+        self.held.token
     }
 
     /// The TTL of the latest acquisition or extension.
@@ -112,23 +97,25 @@ impl LockGuard {
     /// The instant, on this process's monotonic clock, when the lock stops being safe:
     /// acquisition start + TTL − drift.
     pub fn valid_until(&self) -> std::time::Instant {
-        self.valid_until.into_std()
+        self.held.valid_until.into_std()
     }
 
     /// [`valid_until`](Self::valid_until) on tokio's clock, which a paused test runtime
     /// controls.
     pub(crate) fn deadline(&self) -> Instant {
-        self.valid_until
+        self.held.valid_until
     }
 
     /// How long the lock is still safe; zero once it is not.
     pub fn validity(&self) -> Duration {
-        self.valid_until.saturating_duration_since(Instant::now())
+        self.held
+            .valid_until
+            .saturating_duration_since(Instant::now())
     }
 
     /// Whether validity is left.
     pub fn is_valid(&self) -> bool {
-        Instant::now() < self.valid_until
+        Instant::now() < self.held.valid_until
     }
 
     /// Extends the lock to `ttl` from now on a quorum of nodes.
@@ -165,14 +152,14 @@ impl LockGuard {
         let new_valid_until = start + ttl - self.client.drift(ttl);
         let replies = self
             .client
-            .extend_all(&self.keys, &self.values, ttl, self.valid_until)
+            .extend_all(&self.keys, &self.held.values, ttl, self.held.valid_until)
             .instrument(span.clone())
             .await;
         let (tally, failures) = (replies.tally, replies.failures);
         span.record("quorum_margin", tally.margin());
         match tally.decision() {
-            Decision::Reached if Instant::now() < self.valid_until => {
-                self.valid_until = new_valid_until;
+            Decision::Reached if Instant::now() < self.held.valid_until => {
+                self.held.valid_until = new_valid_until;
                 self.ttl = ttl;
                 Ok(())
             }
@@ -182,7 +169,7 @@ impl LockGuard {
             // Only when the refusals alone rule out a quorum is the lock certainly gone;
             // with failed nodes in the mix it may still be ours until its old deadline.
             _ if tally.refusals_alone_prevent_quorum() => {
-                self.valid_until = Instant::now().min(self.valid_until);
+                self.held.valid_until = Instant::now().min(self.held.valid_until);
                 Err(self.client.lost(&self.keys, LostReason::NotOwned))
             }
             _ => Err(Error::NoQuorum {
@@ -216,11 +203,11 @@ impl LockGuard {
         if !expired && self.hand_off(&mut turn) {
             return Ok(());
         }
-        self.over.store(true, Ordering::SeqCst);
+        self.held.end();
         let span = tracing::info_span!("fencelock.release", resource = %self.keys[0], deleted = tracing::field::Empty);
         let outcome = self
             .client
-            .release_all(&self.keys, &self.values, true)
+            .release_all(&self.keys, &self.held.values, true)
             .instrument(span.clone())
             .await;
         span.record("deleted", outcome.deleted);
@@ -253,19 +240,9 @@ impl LockGuard {
 impl LockGuard {
     /// Passes the lock to a task of this process that waits for it, if there is one.
     fn hand_off(&self, turn: &mut Option<LocalTurn>) -> bool {
-        let baton = || Baton {
-            values: self.values.clone(),
-            over: self.over.clone(),
-            valid_until: self.valid_until,
-            handoffs: self.handoffs,
-            token: self.token,
-            last_token: self.last_token,
-        };
-        let handed = turn
-            .as_mut()
-            .is_some_and(|t| t.hand_off(baton, self.handoffs));
+        let handed = turn.as_mut().is_some_and(|t| t.hand_off(&self.held));
         if handed {
-            tracing::debug!(resource = %self.keys[0], chain = self.handoffs + 1, "lock handed to a waiting task of this process");
+            tracing::debug!(resource = %self.keys[0], chain = self.held.handoffs + 1, "lock handed to a waiting task of this process");
         }
         handed
     }
@@ -278,9 +255,9 @@ impl Drop for LockGuard {
             return;
         }
         if let Some(turn) = turn {
-            self.over.store(true, Ordering::SeqCst);
+            self.held.end();
             self.client
-                .spawn_release(self.keys.clone(), self.values.clone(), Some(turn));
+                .spawn_release(self.keys.clone(), self.held.values.clone(), Some(turn));
         }
     }
 }

@@ -4,41 +4,19 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
-use tokio::time::Instant;
 
-use crate::client::Redlock;
+use crate::client::{Granted, Redlock};
 use crate::error::Error;
 use crate::retry::RetryPolicy;
 
-/// A lock left by the previous holder in this process for the next one: on each node the
-/// keys hold one of `values`, the values of the hand-off chain so far (a node that missed a
-/// hand-off, because a round decided without it, still holds an earlier one).
-#[derive(Debug, Clone)]
-pub(crate) struct Baton {
-    pub(crate) values: Vec<Arc<str>>,
-    /// Set when the chain ends. Every acquisition of the chain shares it: a slow node's
-    /// grant from an earlier hand-off sets a value the later holders own too, so it is
-    /// taken back only once the last of them is done, not while the chain still holds it.
-    pub(crate) over: Arc<AtomicBool>,
-    /// Until when the chain's last holder could count on the lock.
-    pub(crate) valid_until: Instant,
-    /// How many hand-offs the chain has made so far.
-    pub(crate) handoffs: usize,
-    /// With fencing, the last holder's token and the last one reserved with it.
-    pub(crate) token: Option<u64>,
-    pub(crate) last_token: u64,
-}
-
-impl Baton {
-    /// Ends the chain here: late grants from any of its rounds are taken back from now on.
-    pub(crate) fn end(&self) {
-        self.over.store(true, Ordering::SeqCst);
-    }
-}
+/// A lock left by the previous holder in this process for the next one, as that holder
+/// had it: on each node the keys hold one of its `values`, the values of the hand-off
+/// chain so far (a node that missed a hand-off, because a round decided without it, still
+/// holds an earlier one).
+pub(crate) type Baton = Granted;
 
 type Slot = Arc<AsyncMutex<Option<Baton>>>;
 
@@ -127,19 +105,19 @@ impl LocalTurn {
 
     /// Leaves the lock to the next task of this process that waits for it, instead of
     /// releasing: only for a single resource, only when someone waits, and only while the
-    /// chain of hand-offs is short enough for other processes to get a turn. `baton` is
+    /// chain of hand-offs is short enough for other processes to get a turn. `held` is
     /// what the holder has; its `handoffs` counts the hand-offs before this one.
-    pub(crate) fn hand_off(&mut self, baton: impl FnOnce() -> Baton, handoffs: usize) -> bool {
+    pub(crate) fn hand_off(&mut self, held: &Granted) -> bool {
         let [slot] = self.guards.as_mut_slice() else {
             return false;
         };
         // The map holds one reference and this guard another; any more are waiters.
-        if handoffs >= self.client.max_local_handoffs()
+        if held.handoffs >= self.client.max_local_handoffs()
             || Arc::strong_count(OwnedMutexGuard::mutex(slot)) <= 2
         {
             return false;
         }
-        **slot = Some(baton());
+        **slot = Some(held.clone());
         true
     }
 }
