@@ -74,7 +74,15 @@ impl Rig {
     async fn start(
         tune: impl FnOnce(job_runner::RunnerBuilder) -> job_runner::RunnerBuilder,
     ) -> Rig {
-        let cluster = Cluster::start(2).await;
+        Rig::start_on(Cluster::start(2).await, tune).await
+    }
+
+    /// A runner on `cluster` (node 0 locks, node 1 queues), which a test may have
+    /// prepared before the runner starts.
+    async fn start_on(
+        cluster: Cluster,
+        tune: impl FnOnce(job_runner::RunnerBuilder) -> job_runner::RunnerBuilder,
+    ) -> Rig {
         let urls = cluster.urls();
         let handler = Scripted::default();
         let runner = tune(
@@ -254,6 +262,61 @@ async fn malformed_entries_are_dead_lettered_and_the_worker_goes_on() {
     assert_eq!(rig.queue.stats().await.unwrap().dead, 4);
     let report = rig.finish().await;
     assert_eq!((report.dead, report.done), (4, 1), "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_keeps_taking_its_runners_down_is_dead_lettered() {
+    // Three runners took the job and died on it (they fetched or reclaimed it and never
+    // came back); a fourth finds it handed out four times, more than `max_attempts`.
+    let cluster = Cluster::start(2).await;
+    let url = cluster.urls()[1].clone();
+    let visibility = Duration::from_millis(700);
+    let first = Queue::connect(&url, "fail", "crashed-0").await.unwrap();
+    let id = first
+        .enqueue(&NewJob::new("scripted", "r:poison", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(
+        first
+            .fetch(1, Duration::from_millis(100))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    for i in 1..4 {
+        tokio::time::sleep(visibility + Duration::from_millis(50)).await;
+        let next = Queue::connect(&url, "fail", &format!("crashed-{i}"))
+            .await
+            .unwrap();
+        let got = next.reclaim(visibility, 10, "0-0").await.unwrap().entries;
+        assert_eq!(got[0].deliveries, i + 1);
+    }
+    tokio::time::sleep(visibility + Duration::from_millis(50)).await;
+    let rig = Rig::start_on(cluster, |b| {
+        b.visibility_timeout(visibility).max_attempts(3)
+    })
+    .await;
+    rig.drained().await;
+    assert!(
+        rig.handler.calls(&id).is_empty(),
+        "the poison job ran again"
+    );
+    let dead = rig.queue.dead_list(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].raw.contains(&id)
+            && dead[0]
+                .reason
+                .starts_with("handed out 5 times and never finished"),
+        "{dead:?}"
+    );
+    let report = rig.finish().await;
+    assert_eq!(
+        (report.reclaimed, report.dead, report.done),
+        (1, 1, 0),
+        "{report:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

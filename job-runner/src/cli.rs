@@ -114,6 +114,8 @@ pub struct GlobalArgs {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run workers until SIGTERM or SIGINT (a second signal exits at once).
     Run(RunArgs),
@@ -166,15 +168,25 @@ pub struct RunArgs {
     /// Lock TTL in ms; locks are auto-extended while a job runs [default: 10000]
     #[arg(long, env = "JOB_RUNNER_LOCK_TTL_MS")]
     pub lock_ttl_ms: Option<u64>,
+    /// How long a lock command waits for one node, in ms [default: 50]
+    #[arg(long, env = "JOB_RUNNER_LOCK_NODE_TIMEOUT_MS")]
+    pub lock_node_timeout_ms: Option<u64>,
     /// Idle time in ms after which another runner reclaims an unacknowledged job [default: 30000]
     #[arg(long, env = "JOB_RUNNER_VISIBILITY_TIMEOUT_MS")]
     pub visibility_timeout_ms: Option<u64>,
     /// Longest a job may run, in seconds [default: 300]
     #[arg(long, env = "JOB_RUNNER_JOB_TIMEOUT_SECS")]
     pub job_timeout_secs: Option<u64>,
-    /// Attempts before a failing job goes to dead letters [default: 5]
+    /// Attempts before a failing job goes to dead letters; a job handed out more times
+    /// than this without finishing (its runners crashed on it) goes there too [default: 5]
     #[arg(long, env = "JOB_RUNNER_MAX_ATTEMPTS")]
     pub max_attempts: Option<u32>,
+    /// Retry delay after a first failure, in ms; it doubles per attempt [default: 1000]
+    #[arg(long, env = "JOB_RUNNER_BACKOFF_BASE_MS")]
+    pub backoff_base_ms: Option<u64>,
+    /// Longest retry delay, in ms [default: 60000]
+    #[arg(long, env = "JOB_RUNNER_BACKOFF_MAX_MS")]
+    pub backoff_max_ms: Option<u64>,
     /// Where /metrics and /healthz listen, or `off` [default: 127.0.0.1:9464]
     #[arg(long, env = "JOB_RUNNER_METRICS_ADDR", value_name = "HOST:PORT")]
     pub metrics_addr: Option<String>,
@@ -303,6 +315,9 @@ impl Cli {
             o.shutdown_timeout_secs = run.shutdown_timeout_secs;
             o.consumer = run.consumer.clone();
             o.lock_ttl_ms = run.lock_ttl_ms;
+            o.lock_node_timeout_ms = run.lock_node_timeout_ms;
+            o.backoff_base_ms = run.backoff_base_ms;
+            o.backoff_max_ms = run.backoff_max_ms;
             o.visibility_timeout_ms = run.visibility_timeout_ms;
             o.job_timeout_secs = run.job_timeout_secs;
             o.max_attempts = run.max_attempts;

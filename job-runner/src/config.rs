@@ -149,6 +149,12 @@ pub struct Overrides {
     pub shutdown_timeout_secs: Option<u64>,
     /// `--lock-ttl-ms`.
     pub lock_ttl_ms: Option<u64>,
+    /// `--lock-node-timeout-ms`.
+    pub lock_node_timeout_ms: Option<u64>,
+    /// `--backoff-base-ms`.
+    pub backoff_base_ms: Option<u64>,
+    /// `--backoff-max-ms`.
+    pub backoff_max_ms: Option<u64>,
     /// `--visibility-timeout-ms`.
     pub visibility_timeout_ms: Option<u64>,
     /// `--job-timeout-secs`.
@@ -219,6 +225,13 @@ pub struct Settings {
     pub exec: BTreeMap<String, Vec<String>>,
 }
 
+/// The longest job timeout: a week. Longer is a mistake (a unit mix-up, say), and would
+/// overflow the deadlines computed from it.
+const MAX_JOB_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+/// The longest lock TTL: a day. Locks are extended while their holder runs, so a long
+/// TTL only makes a crashed holder's lock outlive it longer.
+const MAX_LOCK_TTL_MS: u64 = 24 * 3600 * 1000;
+
 fn default_consumer() -> String {
     let host = nix::unistd::gethostname()
         .ok()
@@ -276,15 +289,18 @@ impl Settings {
                 .or(f.shutdown_timeout_secs)
                 .unwrap_or(25),
             lock_ttl_ms: o.lock_ttl_ms.or(f.lock_ttl_ms).unwrap_or(10_000),
-            lock_node_timeout_ms: f.lock_node_timeout_ms.unwrap_or(50),
+            lock_node_timeout_ms: o
+                .lock_node_timeout_ms
+                .or(f.lock_node_timeout_ms)
+                .unwrap_or(50),
             visibility_timeout_ms: o
                 .visibility_timeout_ms
                 .or(f.visibility_timeout_ms)
                 .unwrap_or(30_000),
             job_timeout_secs: o.job_timeout_secs.or(f.job_timeout_secs).unwrap_or(300),
             max_attempts: o.max_attempts.or(f.max_attempts).unwrap_or(5),
-            backoff_base_ms: f.backoff_base_ms.unwrap_or(1_000),
-            backoff_max_ms: f.backoff_max_ms.unwrap_or(60_000),
+            backoff_base_ms: o.backoff_base_ms.or(f.backoff_base_ms).unwrap_or(1_000),
+            backoff_max_ms: o.backoff_max_ms.or(f.backoff_max_ms).unwrap_or(60_000),
             metrics_addr,
             log_format: o.log_format.or(f.log_format).unwrap_or_default(),
             ledger: o
@@ -334,18 +350,33 @@ impl Settings {
                 format!("must be 1..=256, got {}", self.threads),
             ));
         }
-        if self.lock_ttl_ms < 100 {
+        if !(100..=MAX_LOCK_TTL_MS).contains(&self.lock_ttl_ms) {
             return Err(ConfigError::new(
                 "lock_ttl_ms",
-                format!("must be at least 100, got {}", self.lock_ttl_ms),
+                format!(
+                    "must be 100..={MAX_LOCK_TTL_MS} (a day), got {}",
+                    self.lock_ttl_ms
+                ),
             ));
         }
-        if self.lock_node_timeout_ms == 0 || self.lock_node_timeout_ms * 10 > self.lock_ttl_ms {
+        if self.lock_node_timeout_ms == 0
+            || self.lock_node_timeout_ms.saturating_mul(10) > self.lock_ttl_ms
+        {
             return Err(ConfigError::new(
                 "lock_node_timeout_ms",
                 format!(
                     "must be positive and at most a tenth of lock_ttl_ms ({}), got {}",
                     self.lock_ttl_ms, self.lock_node_timeout_ms
+                ),
+            ));
+        }
+        if self.visibility_timeout_ms > MAX_JOB_TIMEOUT_SECS * 1000 {
+            return Err(ConfigError::new(
+                "visibility_timeout_ms",
+                format!(
+                    "must be at most {} (a week), got {}",
+                    MAX_JOB_TIMEOUT_SECS * 1000,
+                    self.visibility_timeout_ms
                 ),
             ));
         }
@@ -358,8 +389,23 @@ impl Settings {
                 ),
             ));
         }
-        if self.job_timeout_secs == 0 {
-            return Err(ConfigError::new("job_timeout_secs", "must be positive"));
+        if !(1..=MAX_JOB_TIMEOUT_SECS).contains(&self.job_timeout_secs) {
+            return Err(ConfigError::new(
+                "job_timeout_secs",
+                format!(
+                    "must be 1..={MAX_JOB_TIMEOUT_SECS} (a week), got {}",
+                    self.job_timeout_secs
+                ),
+            ));
+        }
+        if self.shutdown_timeout_secs > MAX_JOB_TIMEOUT_SECS {
+            return Err(ConfigError::new(
+                "shutdown_timeout_secs",
+                format!(
+                    "must be at most {MAX_JOB_TIMEOUT_SECS} (a week), got {}",
+                    self.shutdown_timeout_secs
+                ),
+            ));
         }
         if self.max_attempts == 0 {
             return Err(ConfigError::new("max_attempts", "must be at least 1"));

@@ -48,7 +48,7 @@ pub mod worker;
 pub use fencelock;
 pub use handler::{Handler, HandlerError, JobContext, Noop, Registry};
 pub use job::{Job, NewJob};
-pub use queue::{Delivery, Queue, QueueError, QueueStats};
+pub use queue::{Delivery, Queue, QueueError, QueueStats, Reclaimed};
 pub use worker::{RunReport, Runner, RunnerBuilder};
 
 #[cfg(test)]

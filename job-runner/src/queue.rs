@@ -6,6 +6,7 @@
 //! timeout (their consumer died or stalled) to another. Retrying and dead-lettering are
 //! scripts that write the job's next home and acknowledge the entry in one step.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -14,7 +15,8 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{
-    StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply,
+    StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamPendingCountReply,
+    StreamReadOptions, StreamReadReply,
 };
 use redis::{AsyncCommands, Script};
 use tokio::sync::{mpsc, oneshot};
@@ -29,6 +31,7 @@ static PROMOTE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/promote.lua")));
 static DEAD_RETRY: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/dead_retry.lua")));
+static TOUCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/touch.lua")));
 
 /// The longest [`Queue::fetch`] blocks; its connection's response timeout is set above it.
 pub const MAX_FETCH_BLOCK: Duration = Duration::from_secs(5);
@@ -70,10 +73,26 @@ impl std::error::Error for QueueError {
 pub struct Delivery {
     /// The stream entry id, for ack, retry and dead-letter.
     pub entry_id: String,
-    /// The entry's raw `job` field, kept for the dead-letter stream.
+    /// The entry's raw `job` field, kept for the dead-letter stream. An entry without a
+    /// UTF-8 `job` field keeps all its fields here instead, as a JSON object, so that the
+    /// dead letter still shows what was sent.
     pub raw: String,
     /// The parsed job.
     pub job: Result<Job, Malformed>,
+    /// How many times the group has handed this entry out, this time included: 1 for a
+    /// fresh fetch, more when it was reclaimed from consumers that crashed or stalled.
+    pub deliveries: u64,
+}
+
+/// What one [`Queue::reclaim`] took over.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Reclaimed {
+    /// The entries, now pending for this consumer.
+    pub entries: Vec<Delivery>,
+    /// Where the next call should start scanning the pending list (`0-0` once the scan
+    /// has gone round).
+    pub cursor: String,
 }
 
 /// A queue on one Redis, shared by every worker of a process (cheap to clone).
@@ -233,7 +252,10 @@ impl Queue {
     }
 
     /// Takes over entries that have been pending longer than `visibility` (their consumer
-    /// crashed or stalled), at most `count`.
+    /// crashed or stalled), at most `count`, scanning the pending list from `cursor`
+    /// (`"0-0"` for its start). Pass the returned [`Reclaimed::cursor`] to the next call:
+    /// Redis scans at most ten times `count` pending entries per call, so restarting from
+    /// the start every time would leave stalled entries behind a long run of busy ones.
     ///
     /// # Errors
     ///
@@ -242,7 +264,8 @@ impl Queue {
         &self,
         visibility: Duration,
         count: usize,
-    ) -> Result<Vec<Delivery>, QueueError> {
+        cursor: &str,
+    ) -> Result<Reclaimed, QueueError> {
         let mut conn = self.conn.clone();
         let reply: StreamAutoClaimReply = conn
             .xautoclaim_options(
@@ -250,33 +273,62 @@ impl Queue {
                 &self.group,
                 &self.consumer,
                 visibility.as_millis() as u64,
-                "0-0",
+                cursor,
                 StreamAutoClaimOptions::default().count(count),
             )
             .await
             .map_err(QueueError::on("reclaim"))?;
-        Ok(reply.claimed.into_iter().map(delivery).collect())
+        let mut entries: Vec<Delivery> = reply.claimed.into_iter().map(delivery).collect();
+        if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
+            // XAUTOCLAIM does not say how often an entry was handed out; the pending list
+            // does. The claimed entries are in id order, so one range covers them all.
+            let pending: StreamPendingCountReply = conn
+                .xpending_consumer_count(
+                    &self.stream,
+                    &self.group,
+                    &first.entry_id,
+                    &last.entry_id,
+                    entries.len(),
+                    &self.consumer,
+                )
+                .await
+                .map_err(QueueError::on("reclaim"))?;
+            let times: HashMap<&str, usize> = pending
+                .ids
+                .iter()
+                .map(|p| (p.id.as_str(), p.times_delivered))
+                .collect();
+            for e in &mut entries {
+                // An entry missing from the range was retired meanwhile; it counts as
+                // handed out at least twice (once before, and by this claim).
+                e.deliveries = times.get(e.entry_id.as_str()).map_or(2, |&n| n as u64);
+            }
+        }
+        Ok(Reclaimed {
+            entries,
+            cursor: reply.next_stream_id,
+        })
     }
 
     /// Resets the idle time of entries this consumer is still working on, so that
     /// [`reclaim`](Self::reclaim) elsewhere does not take them over while the job runs.
+    /// Returns the ids that are no longer this consumer's: another consumer reclaimed
+    /// them while this one stalled longer than the visibility timeout, or they were
+    /// retired. Those are left with their new owner.
     ///
     /// # Errors
     ///
     /// When the queue's Redis fails.
-    pub async fn touch(&self, entry_ids: &[&str]) -> Result<(), QueueError> {
+    pub async fn touch(&self, entry_ids: &[&str]) -> Result<Vec<String>, QueueError> {
         let mut conn = self.conn.clone();
-        let _: redis::Value = redis::cmd("XCLAIM")
-            .arg(&self.stream)
+        TOUCH
+            .key(&self.stream)
             .arg(&self.group)
             .arg(&self.consumer)
-            .arg(0)
             .arg(entry_ids)
-            .arg("JUSTID")
-            .query_async(&mut conn)
+            .invoke_async(&mut conn)
             .await
-            .map_err(QueueError::on("touch"))?;
-        Ok(())
+            .map_err(QueueError::on("touch"))
     }
 
     /// Retires a done entry.
@@ -312,6 +364,10 @@ impl Queue {
 
     /// Schedules `job` to run again after `delay` and retires the entry, in one step.
     ///
+    /// Returns false, having written nothing, when the entry is no longer pending for this
+    /// consumer: another consumer reclaimed it while this one stalled (the job is that
+    /// one's now), or it was already retired.
+    ///
     /// # Errors
     ///
     /// When the queue's Redis fails; the entry then stays pending and is reclaimed later.
@@ -320,41 +376,47 @@ impl Queue {
         entry_id: &str,
         job: &Job,
         delay: Duration,
-    ) -> Result<(), QueueError> {
+    ) -> Result<bool, QueueError> {
         let raw = serde_json::to_string(job).expect("a job serializes");
         let due = now_ms() + delay.as_millis() as u64;
         let mut conn = self.conn.clone();
-        let _: i64 = RETRY_LATER
+        let moved: i64 = RETRY_LATER
             .key(&self.stream)
             .key(&self.delayed)
             .arg(&self.group)
             .arg(entry_id)
             .arg(raw)
             .arg(due)
+            .arg(&self.consumer)
             .invoke_async(&mut conn)
             .await
             .map_err(QueueError::on("retry"))?;
-        Ok(())
+        Ok(moved == 1)
     }
 
     /// Writes the entry to the dead-letter stream with `reason`, then retires it.
     ///
+    /// Returns false, having written nothing, when the entry is no longer pending for this
+    /// consumer: another consumer reclaimed it while this one stalled, or it was already
+    /// retired.
+    ///
     /// # Errors
     ///
     /// When the queue's Redis fails; the entry then stays pending and is reclaimed later.
-    pub async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), QueueError> {
+    pub async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<bool, QueueError> {
         let mut conn = self.conn.clone();
-        let _: String = DEAD_LETTER
+        let id: Option<String> = DEAD_LETTER
             .key(&self.stream)
             .key(&self.dead)
             .arg(&self.group)
             .arg(&delivery.entry_id)
             .arg(&delivery.raw)
             .arg(reason)
+            .arg(&self.consumer)
             .invoke_async(&mut conn)
             .await
             .map_err(QueueError::on("dead-letter"))?;
-        Ok(())
+        Ok(id.is_some())
     }
 
     /// Moves delayed jobs that are due into the stream; returns how many.
@@ -600,10 +662,32 @@ fn new_entry(new: &NewJob) -> (String, String) {
 
 fn delivery(entry: StreamId) -> Delivery {
     let raw: Option<String> = entry.get("job");
+    let job = match &raw {
+        None if entry.map.contains_key("job") => Err(Malformed {
+            reason: "the entry's `job` field is not UTF-8 text".into(),
+        }),
+        raw => job::parse(raw.as_deref()),
+    };
+    let raw = raw.unwrap_or_else(|| {
+        // Nothing to parse: keep every field, lossily decoded, for the dead letter.
+        let fields: serde_json::Map<String, serde_json::Value> = entry
+            .map
+            .iter()
+            .map(|(k, v)| {
+                let text = match v {
+                    redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                    other => format!("{other:?}"),
+                };
+                (k.clone(), serde_json::Value::String(text))
+            })
+            .collect();
+        serde_json::Value::Object(fields).to_string()
+    });
     Delivery {
-        job: job::parse(raw.as_deref()),
-        raw: raw.unwrap_or_default(),
+        job,
+        raw,
         entry_id: entry.id,
+        deliveries: 1,
     }
 }
 

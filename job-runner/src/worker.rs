@@ -28,7 +28,7 @@ use tracing::Instrument;
 
 use crate::handler::{HandleFuture, HandlerError, JobContext, Registry};
 use crate::job::Job;
-use crate::queue::{Delivery, Queue};
+use crate::queue::{Delivery, Queue, Reclaimed};
 use crate::telemetry::{Health, names};
 
 /// Why the runner could not be built.
@@ -295,6 +295,8 @@ pub struct RunReport {
     pub reclaimed: u64,
     /// Jobs cut short by shutdown and put back.
     pub interrupted: u64,
+    /// Jobs whose entry another runner reclaimed while this one stalled; left to it.
+    pub taken_over: u64,
 }
 
 /// How one job ended, for the report.
@@ -307,6 +309,8 @@ enum Finished {
     Interrupted,
     /// Its entry could not be updated; it stays pending and is reclaimed later.
     Left,
+    /// Its entry is another runner's now (reclaimed while this one stalled); left to it.
+    TakenOver,
 }
 
 impl Finished {
@@ -318,6 +322,7 @@ impl Finished {
             Finished::Dead => "dead",
             Finished::Interrupted => "interrupted",
             Finished::Left => "left_pending",
+            Finished::TakenOver => "taken_over",
         }
     }
 }
@@ -385,8 +390,14 @@ impl Runner {
         let mut jobs: JoinSet<Finished> = JoinSet::new();
         let mut report = RunReport::default();
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut last_promote = Instant::now() - Duration::from_secs(1);
-        let mut last_reclaim = Instant::now() - s.visibility;
+        // Both are due at the first turn (`checked_sub`: the clock may be younger).
+        let mut last_promote = Instant::now()
+            .checked_sub(Duration::from_secs(1))
+            .unwrap_or_else(Instant::now);
+        let mut last_reclaim = Instant::now()
+            .checked_sub(s.visibility)
+            .unwrap_or_else(Instant::now);
+        let mut reclaim_cursor = String::from("0-0");
         let mut idle_turns = 0u32;
         tracing::info!(worker = %inner.worker, concurrency = s.concurrency, kinds = ?inner.handlers, "runner started");
 
@@ -427,8 +438,17 @@ impl Runner {
             let mut batch = Vec::new();
             if last_reclaim.elapsed() >= (s.visibility / 2).max(Duration::from_millis(500)) {
                 last_reclaim = Instant::now();
-                match inner.queue.reclaim(s.visibility, free).await {
-                    Ok(claimed) => {
+                match inner
+                    .queue
+                    .reclaim(s.visibility, free, &reclaim_cursor)
+                    .await
+                {
+                    Ok(Reclaimed {
+                        entries: claimed,
+                        cursor,
+                        ..
+                    }) => {
+                        reclaim_cursor = cursor;
                         if !claimed.is_empty() {
                             tracing::info!(count = claimed.len(), "reclaimed stalled entries");
                             counter!(names::RECLAIMED).increment(claimed.len() as u64);
@@ -528,12 +548,22 @@ impl Runner {
     }
 
     async fn process(&self, delivery: Delivery, hard_stop: CancellationToken) -> Finished {
+        let started = Instant::now();
         let job = match &delivery.job {
             Ok(job) => job.clone(),
             Err(malformed) => {
                 let reason = format!("malformed job: {}", malformed.reason);
                 tracing::warn!(entry = %delivery.entry_id, %reason, "dead-lettering");
-                return self.dead(&delivery, "malformed", &reason).await;
+                let finished = self.dead(&delivery, "malformed", &reason).await;
+                counter!(names::JOBS, "kind" => "(malformed)", "outcome" => finished.label())
+                    .increment(1);
+                tracing::info!(
+                    entry = %delivery.entry_id,
+                    outcome = finished.label(),
+                    duration_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "job finished"
+                );
+                return finished;
             }
         };
         let span = tracing::info_span!(
@@ -544,9 +574,20 @@ impl Runner {
             attempt = job.attempt,
             token = tracing::field::Empty,
         );
-        self.process_job(delivery, job, hard_stop)
-            .instrument(span)
-            .await
+        let kind = job.kind.clone();
+        let finished = self
+            .process_job(delivery, job, hard_stop)
+            .instrument(span.clone())
+            .await;
+        counter!(names::JOBS, "kind" => kind, "outcome" => finished.label()).increment(1);
+        span.in_scope(|| {
+            tracing::info!(
+                outcome = finished.label(),
+                duration_ms = started.elapsed().as_secs_f64() * 1e3,
+                "job finished"
+            );
+        });
+        finished
     }
 
     async fn process_job(
@@ -557,6 +598,17 @@ impl Runner {
     ) -> Finished {
         let inner = &self.inner;
         let s = &inner.settings;
+        // Every reclaim hands the same entry out again: one that keeps coming back took
+        // its runners down or hung them each time, and would go on doing so.
+        if delivery.deliveries > u64::from(s.max_attempts) {
+            let reason = format!(
+                "handed out {} times and never finished: each runner that took it crashed or \
+                 stalled past the visibility timeout",
+                delivery.deliveries
+            );
+            tracing::warn!(%reason, "dead-lettering");
+            return self.dead(&delivery, "redelivered", &reason).await;
+        }
         let Some(handler) = inner.handlers.get(&job.kind) else {
             let known: Vec<&str> = inner.handlers.kinds().collect();
             let reason = format!(
@@ -608,7 +660,8 @@ impl Runner {
                     .retry_later(&delivery.entry_id, &job, delay)
                     .await
                 {
-                    Ok(()) => Finished::Requeued,
+                    Ok(true) => Finished::Requeued,
+                    Ok(false) => taken_over(),
                     Err(qe) => {
                         tracing::warn!(error = %error_chain(&qe), "requeue failed; the entry stays pending");
                         Finished::Left
@@ -660,7 +713,7 @@ impl Runner {
             Ended::TimedOut(r) => (r, Some("job timed out")),
             Ended::Interrupted(r) => (r, Some("shutdown")),
         };
-        let finished = match (result, why) {
+        match (result, why) {
             (Some(Ok(())), why) => {
                 if let Some(why) = why {
                     tracing::warn!(why, "handler finished after it was told to stop");
@@ -690,7 +743,8 @@ impl Runner {
                             .retry_later(&delivery.entry_id, &job, Duration::ZERO)
                             .await
                         {
-                            Ok(()) => Finished::Interrupted,
+                            Ok(true) => Finished::Interrupted,
+                            Ok(false) => taken_over(),
                             Err(_) => Finished::Left,
                         }
                     }
@@ -711,15 +765,7 @@ impl Runner {
                     }
                 }
             }
-        };
-        counter!(names::JOBS, "kind" => job.kind.clone(), "outcome" => finished.label())
-            .increment(1);
-        tracing::info!(
-            outcome = finished.label(),
-            duration_ms = elapsed.as_secs_f64() * 1e3,
-            "job finished"
-        );
-        finished
+        }
     }
 
     /// Runs the handler until it returns, its lock is lost, it times out, or shutdown's
@@ -738,6 +784,7 @@ impl Runner {
         let mut touch =
             tokio::time::interval_at(Instant::now() + s.visibility / 3, s.visibility / 3);
         let mut at_risk_seen = false;
+        let mut taken = false;
         let stop: fn(Option<Result<(), HandlerError>>) -> Ended;
         loop {
             tokio::select! {
@@ -767,9 +814,16 @@ impl Runner {
                     stop = Ended::Interrupted;
                     break;
                 }
-                _ = touch.tick() => {
-                    if let Err(e) = self.inner.queue.touch(&[delivery.entry_id.as_str()]).await {
-                        tracing::debug!(error = %error_chain(&e), "could not refresh the entry");
+                _ = touch.tick(), if !taken => {
+                    match self.inner.queue.touch(&[delivery.entry_id.as_str()]).await {
+                        Ok(lost) if !lost.is_empty() => {
+                            // The job keeps its lock, so its fenced writes stay safe; but its
+                            // entry is retired by the new owner, not from here.
+                            taken = true;
+                            tracing::warn!("another runner reclaimed this job's entry while this one stalled");
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::debug!(error = %error_chain(&e), "could not refresh the entry"),
                     }
                 }
             }
@@ -796,12 +850,12 @@ impl Runner {
             tracing::warn!(%reason, "dead-lettering");
             return self.dead(delivery, "attempts_exhausted", &reason).await;
         }
-        let ceiling = s
-            .backoff_base
-            .saturating_mul(1u32 << job.attempt.min(20))
-            .min(s.backoff_max);
-        // Full jitter, but never quicker than a tenth of the step.
-        let delay = ceiling / 10 + self.jitter(ceiling - ceiling / 10);
+        let delay = backoff_delay(
+            s.backoff_base,
+            s.backoff_max,
+            job.attempt,
+            &mut SmallRng::from_os_rng(),
+        );
         job.attempt = attempts;
         tracing::info!(%reason, delay_ms = delay.as_millis() as u64, next_attempt = attempts, "transient failure; retrying later");
         match self
@@ -810,7 +864,8 @@ impl Runner {
             .retry_later(&delivery.entry_id, &job, delay)
             .await
         {
-            Ok(()) => Finished::Retried,
+            Ok(true) => Finished::Retried,
+            Ok(false) => taken_over(),
             Err(e) => {
                 tracing::warn!(error = %error_chain(&e), "scheduling the retry failed; the entry stays pending");
                 Finished::Left
@@ -820,10 +875,11 @@ impl Runner {
 
     async fn dead(&self, delivery: &Delivery, class: &'static str, reason: &str) -> Finished {
         match self.inner.queue.dead_letter(delivery, reason).await {
-            Ok(()) => {
+            Ok(true) => {
                 counter!(names::DEAD_LETTERED, "reason" => class).increment(1);
                 Finished::Dead
             }
+            Ok(false) => taken_over(),
             Err(e) => {
                 tracing::warn!(error = %error_chain(&e), "dead-lettering failed; the entry stays pending");
                 Finished::Left
@@ -837,6 +893,23 @@ impl Runner {
         }
         SmallRng::from_os_rng().random_range(Duration::ZERO..=max)
     }
+}
+
+/// The delay before the retry that follows failed attempt number `attempt` (0 for the
+/// first): `base` doubling per attempt, at most `max`, with full jitter that never goes
+/// below a tenth of the step, so that a burst of failures spreads out but still backs off.
+fn backoff_delay(base: Duration, max: Duration, attempt: u32, rng: &mut impl Rng) -> Duration {
+    let ceiling = base.saturating_mul(1u32 << attempt.min(20)).min(max);
+    let floor = ceiling / 10;
+    floor + rng.random_range(Duration::ZERO..=ceiling - floor)
+}
+
+/// The entry was not this runner's any more when it came to retire it.
+fn taken_over() -> Finished {
+    tracing::warn!(
+        "another runner reclaimed this job's entry while this one stalled; leaving the job to it"
+    );
+    Finished::TakenOver
 }
 
 enum Ended {
@@ -853,6 +926,7 @@ fn tally(report: &mut RunReport, joined: Result<Finished, tokio::task::JoinError
         Ok(Finished::Requeued) => report.requeued += 1,
         Ok(Finished::Dead) => report.dead += 1,
         Ok(Finished::Interrupted) => report.interrupted += 1,
+        Ok(Finished::TakenOver) => report.taken_over += 1,
         Ok(Finished::Left) => {}
         Err(e) => tracing::error!(error = %e, "a job task panicked; its entry will be reclaimed"),
     }
@@ -868,4 +942,34 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_with_jitter_inside_each_step() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_secs(3);
+        let mut rng = SmallRng::seed_from_u64(7);
+        for attempt in 0..40u32 {
+            let ceiling = (base * 2u32.pow(attempt.min(20))).min(max);
+            let delays: Vec<Duration> = (0..500)
+                .map(|_| backoff_delay(base, max, attempt, &mut rng))
+                .collect();
+            let low = *delays.iter().min().unwrap();
+            let high = *delays.iter().max().unwrap();
+            assert!(
+                low >= ceiling / 10 && high <= ceiling,
+                "attempt {attempt}: delays {low:?}..{high:?} outside {:?}..{ceiling:?}",
+                ceiling / 10
+            );
+            // Jittered: 500 draws cover most of the step, not one point of it.
+            assert!(
+                high - low > ceiling / 2,
+                "attempt {attempt}: delays {low:?}..{high:?} are not spread over the step"
+            );
+        }
+    }
 }

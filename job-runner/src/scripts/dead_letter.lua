@@ -9,8 +9,15 @@
 -- ARGV[2]  the entry id
 -- ARGV[3]  the raw job (as delivered, possibly malformed)
 -- ARGV[4]  the reason
+-- ARGV[5]  this consumer
 --
--- Returns  the dead-letter entry id
+-- Returns  the dead-letter entry id, or false when the entry is not pending for this
+--          consumer (another consumer reclaimed it while this one stalled, or it is
+--          already retired): then nothing is written, so a stalled runner cannot
+--          dead-letter a job that another runner now owns or has finished.
+if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1, ARGV[5]) == 0 then
+  return false
+end
 local id = redis.call('XADD', KEYS[2], '*', 'job', ARGV[3], 'reason', ARGV[4], 'from', ARGV[2])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 return id
