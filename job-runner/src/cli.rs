@@ -359,29 +359,45 @@ impl From<ConfigError> for Exit {
 /// Resolves on the first SIGTERM or SIGINT. A second one exits the process at once with
 /// code 130; jobs still running stay unacknowledged and are reclaimed by other runners.
 pub async fn shutdown_signal() {
-    first_signal().await;
+    let mut signals = Signals::new();
+    signals.next().await;
     tracing::info!("shutdown requested; send the signal again to exit at once");
-    tokio::spawn(async {
-        first_signal().await;
+    // The same handlers stay installed, so a second signal that comes quickly is not lost.
+    tokio::spawn(async move {
+        signals.next().await;
         eprintln!("job-runner: second signal, exiting now; unfinished jobs stay pending");
+        // `exit` runs no destructors: take the children down first, or a `lock exec`
+        // command would run on after its lock expires.
+        crate::exec::kill_children();
         std::process::exit(130);
     });
 }
 
-async fn first_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+/// SIGTERM and SIGINT, installed once.
+struct Signals {
+    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        let streams = signal(SignalKind::terminate())
+            .and_then(|term| Ok((term, signal(SignalKind::interrupt())?)))
+            .ok();
+        Signals { streams }
+    }
+
+    async fn next(&mut self) {
+        match &mut self.streams {
+            Some((term, int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+            None => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }

@@ -6,13 +6,18 @@
 //! 75 (`EX_TEMPFAIL`) means try again later, anything else is a permanent failure. The
 //! child's stdout and stderr go to the log, line by line. On cancellation the child gets
 //! SIGTERM, then SIGKILL after a grace period.
+//!
+//! An exec job's command runs in a process group of its own, and the signals go to the
+//! whole group: `sh -c` and the programs it starts all stop together. Whatever the command
+//! leaves running in its group when it exits is killed then, because it would go on
+//! without the job's lock.
 
 use std::collections::BTreeMap;
 use std::process::{ExitStatus, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, kill};
+use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
@@ -69,10 +74,80 @@ pub enum ChildEnd {
 /// Where a child's standard streams go.
 #[derive(Debug, Clone)]
 pub enum ChildIo {
-    /// Write these bytes to its stdin; log its stdout and stderr line by line.
+    /// Write these bytes to its stdin; log its stdout and stderr line by line. The child
+    /// runs in a process group of its own, which every signal reaches.
     Logged(Vec<u8>),
-    /// Share this process's stdin, stdout and stderr (as `flock` does).
+    /// Share this process's stdin, stdout and stderr and its process group (as `flock`
+    /// does, so that a terminal's Ctrl-C and job control still reach the child).
     Inherit,
+}
+
+/// How long the logging of a child's output may go on after it exits: a process it left
+/// behind may hold the pipes open.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
+
+/// Children that may still be running, by pid, and whether each leads a process group of
+/// its own: what [`kill_children`] takes down.
+static LIVE: Mutex<BTreeMap<u32, bool>> = Mutex::new(BTreeMap::new());
+
+/// SIGKILLs every child this process started that may still be running (their process
+/// groups, for exec jobs). For a forced exit, which skips the destructors that would do it.
+pub fn kill_children() {
+    let live = LIVE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for (&pid, &group) in live.iter() {
+        signal_child(pid, group, Signal::SIGKILL);
+    }
+}
+
+fn signal_child(pid: u32, group: bool, signal: Signal) {
+    let Ok(pid) = i32::try_from(pid) else { return };
+    let pid = Pid::from_raw(pid);
+    // ESRCH (already gone) is the only expected error, and there is nothing to do then.
+    let _ = if group {
+        killpg(pid, signal)
+    } else {
+        kill(pid, signal)
+    };
+}
+
+/// A started child, registered in [`LIVE`] until dropped. Dropping it kills what is left:
+/// the child if it was not reaped, and for a group leader whatever is left in its group.
+struct Tracked {
+    pid: u32,
+    group: bool,
+    reaped: bool,
+}
+
+impl Tracked {
+    fn new(pid: u32, group: bool) -> Tracked {
+        LIVE.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(pid, group);
+        Tracked {
+            pid,
+            group,
+            reaped: false,
+        }
+    }
+
+    fn signal(&self, signal: Signal) {
+        signal_child(self.pid, self.group, signal);
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        LIVE.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.pid);
+        // A reaped child's pid may be reused, but not while its process group still has
+        // members: signalling the group stays safe.
+        if self.group || !self.reaped {
+            self.signal(Signal::SIGKILL);
+        }
+    }
 }
 
 /// Spawns `argv` with `env`, wires its streams as `io` says (logging under `label`), and
@@ -84,7 +159,8 @@ pub enum ChildIo {
 ///
 /// # Cancel safety
 ///
-/// Dropping the future kills the child (SIGKILL).
+/// Dropping the future kills the child (SIGKILL), and for [`ChildIo::Logged`] its whole
+/// process group.
 pub async fn run_child(
     argv: &[String],
     env: &[(&str, String)],
@@ -100,11 +176,13 @@ pub async fn run_child(
     cmd.args(args)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .kill_on_drop(true);
+    let group = matches!(io, ChildIo::Logged(_));
     let stdin = match io {
         ChildIo::Logged(input) => {
             cmd.stdin(Stdio::piped())
                 .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
+                .stderr(Stdio::piped())
+                .process_group(0);
             Some(input)
         }
         ChildIo::Inherit => {
@@ -117,6 +195,7 @@ pub async fn run_child(
     let mut child = cmd
         .spawn()
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot start `{program}`: {e}")))?;
+    let mut tracked = child.id().map(|pid| Tracked::new(pid, group));
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
         // A child that does not read its stdin must not block us: write in the background.
         tokio::spawn(async move {
@@ -134,18 +213,35 @@ pub async fn run_child(
         .map(|p| log_lines(p, label.to_owned(), true));
     let end = tokio::select! {
         status = child.wait() => ChildEnd::Exited(status?),
-        () = cancel.cancelled() => ChildEnd::Cancelled(terminate(&mut child, grace).await?),
+        () = cancel.cancelled() => {
+            ChildEnd::Cancelled(terminate(&mut child, tracked.as_ref(), grace).await?)
+        }
     };
-    for task in [out, err].into_iter().flatten() {
-        let _ = task.await;
+    if let Some(t) = &mut tracked {
+        t.reaped = true;
+    }
+    // Leftovers in the group die here, which also closes the pipes they held.
+    drop(tracked);
+    for mut task in [out, err].into_iter().flatten() {
+        if tokio::time::timeout(DRAIN_AFTER_EXIT, &mut task)
+            .await
+            .is_err()
+        {
+            // Something outside the group holds the pipe: stop logging it.
+            task.abort();
+        }
     }
     Ok(end)
 }
 
-/// SIGTERM, then SIGKILL after `grace`.
-async fn terminate(child: &mut Child, grace: Duration) -> std::io::Result<ExitStatus> {
-    if let Some(pid) = child.id() {
-        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+/// SIGTERM, then SIGKILL after `grace`: to the child's process group when it has one.
+async fn terminate(
+    child: &mut Child,
+    tracked: Option<&Tracked>,
+    grace: Duration,
+) -> std::io::Result<ExitStatus> {
+    if let Some(t) = tracked {
+        t.signal(Signal::SIGTERM);
     }
     match tokio::time::timeout(grace, child.wait()).await {
         Ok(status) => status,
@@ -154,7 +250,10 @@ async fn terminate(child: &mut Child, grace: Duration) -> std::io::Result<ExitSt
                 grace_ms = grace.as_millis() as u64,
                 "child ignored SIGTERM; killing it"
             );
-            child.kill().await?;
+            match tracked {
+                Some(t) => t.signal(Signal::SIGKILL),
+                None => child.start_kill()?,
+            }
             child.wait().await
         }
     }
