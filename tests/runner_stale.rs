@@ -132,7 +132,7 @@ async fn a_paused_holder_is_fenced_out_by_the_ledger() {
         .collect();
     assert!(stale.iter().all(|x| x.token == token_a), "{stale:?}");
 
-    // The job ends done: A's retry finds the order paid.
+    // The job ends done, once: A's retry writes nothing, as the entry is B's now.
     wait_until("the queue to drain", Duration::from_secs(20), || async {
         let st = producer.stats().await.unwrap();
         st.depth == 0 && st.pending == 0 && st.delayed == 0
@@ -144,6 +144,11 @@ async fn a_paused_holder_is_fenced_out_by_the_ledger() {
     let report_a = a.join().unwrap();
     assert_eq!(report_a.dead + report_b.dead, 0);
     assert!(report_b.reclaimed >= 1, "{report_b:?}");
+    assert_eq!(
+        (report_a.taken_over, report_a.retried, report_a.done),
+        (1, 0, 0),
+        "A left the job to B: {report_a:?}"
+    );
 
     let audit = ledger.audit().unwrap();
     assert_eq!(audit.charged, 1, "{audit}");

@@ -59,6 +59,11 @@ pub enum Outcome {
     StaleRejected,
     /// The payment gateway failed; nothing was written.
     GatewayFailed,
+    /// The attempt was cancelled (its lock lost, its job timed out, or its runner
+    /// stopping) while the gateway call was in flight; nothing was written. Whether the
+    /// gateway charged is unknown here: the retry's charge carries the same idempotency
+    /// key, so the gateway charges at most once.
+    Cancelled,
 }
 
 impl Outcome {
@@ -69,6 +74,7 @@ impl Outcome {
             Outcome::AlreadyPaid => "already_paid",
             Outcome::StaleRejected => "stale_rejected",
             Outcome::GatewayFailed => "gateway_failed",
+            Outcome::Cancelled => "cancelled",
         }
     }
 
@@ -78,6 +84,7 @@ impl Outcome {
             "already_paid" => Outcome::AlreadyPaid,
             "stale_rejected" => Outcome::StaleRejected,
             "gateway_failed" => Outcome::GatewayFailed,
+            "cancelled" => Outcome::Cancelled,
             _ => return None,
         })
     }

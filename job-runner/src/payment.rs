@@ -261,11 +261,17 @@ impl<G: Gateway> Handler for PaymentHandler<G> {
             amount_cents: payment.amount_cents,
             idempotency_key: format!("order-{}", payment.order_id),
         };
-        // Once the gateway has charged, the charge is recorded whatever the cancel signal
-        // says: the fence, not the signal, decides whether the write counts.
+        // A cancelled call may or may not have charged: it is logged as an attempt, and the
+        // retry's charge carries the same idempotency key. A call that returns is recorded
+        // whatever the cancel signal says meanwhile: the fence, not the signal, decides
+        // whether the write counts.
         let charged = tokio::select! {
             r = self.gateway.charge(&request) => r,
             () = ctx.cancel.cancelled() => {
+                blocking(&self.ledger, move |l| {
+                    l.record(payment.order_id, attempt.writer(), Outcome::Cancelled)
+                })
+                .await?;
                 return Err(HandlerError::transient("cancelled while charging"));
             }
         };
