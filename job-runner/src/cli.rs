@@ -19,7 +19,7 @@ use crate::handler::{Noop, Registry};
 use crate::job::NewJob;
 use crate::ledger::Ledger;
 use crate::payment::{PaymentHandler, SimulatedGateway};
-use crate::queue::Queue;
+use crate::queue::{DeadRetryError, Queue, QueueError};
 use crate::telemetry::{self, Health};
 use crate::worker::{Runner, error_chain};
 
@@ -667,31 +667,32 @@ async fn dead(settings: &Settings, cmd: DeadCommand) -> Result<(), Exit> {
             say!("retried {id}");
         }
         DeadCommand::Retry { id: None, .. } => {
+            let failed = |e: QueueError| Exit::new(1, error_chain(&e));
+            // Every entry there now, once: jobs that fail again while this runs land
+            // after `until` and wait for the next `dead retry`.
+            let until = queue.dead_last_id().await.map_err(failed)?;
             let (mut moved, mut skipped) = (0, 0);
-            loop {
-                let batch = queue
-                    .dead_list(100)
+            let mut after: Option<String> = None;
+            while let Some(until) = &until {
+                let page = queue
+                    .dead_page(after.as_deref(), Some(until), 100)
                     .await
-                    .map_err(|e| Exit::new(1, error_chain(&e)))?;
-                let mut progressed = false;
-                for e in &batch {
+                    .map_err(failed)?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.id.clone());
+                for e in &page {
                     match queue.dead_retry(&e.id).await {
-                        Ok(true) => {
-                            moved += 1;
-                            progressed = true;
-                        }
+                        Ok(true) => moved += 1,
                         Ok(false) => {}
-                        Err(err) => {
+                        Err(e @ DeadRetryError::Malformed { .. }) => {
                             skipped += 1;
-                            eprintln!("skipped: {}", error_chain(&err));
+                            eprintln!("{e}");
                         }
+                        Err(err) => return Err(Exit::new(1, error_chain(&err))),
                     }
                 }
-                if !progressed {
-                    break;
-                }
             }
-            say!("retried {moved} dead letters, {skipped} left (not jobs)");
+            say!("retried {moved} dead letters; {skipped} left in place (not jobs)");
         }
     }
     Ok(())

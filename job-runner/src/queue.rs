@@ -551,9 +551,26 @@ impl Queue {
     ///
     /// When the queue's Redis fails.
     pub async fn dead_list(&self, count: usize) -> Result<Vec<DeadEntry>, QueueError> {
+        self.dead_page(None, None, count).await
+    }
+
+    /// Up to `count` dead-letter entries, oldest first, after the entry `after` (from the
+    /// start when `None`) and up to the entry `until` (to the end when `None`): for paging
+    /// through the whole stream while entries are being added and removed.
+    ///
+    /// # Errors
+    ///
+    /// When the queue's Redis fails.
+    pub async fn dead_page(
+        &self,
+        after: Option<&str>,
+        until: Option<&str>,
+        count: usize,
+    ) -> Result<Vec<DeadEntry>, QueueError> {
+        let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
         let mut conn = self.conn.clone();
         let reply: redis::streams::StreamRangeReply = conn
-            .xrange_count(&self.dead, "-", "+", count)
+            .xrange_count(&self.dead, start, until.unwrap_or("+"), count)
             .await
             .map_err(QueueError::on("dead list"))?;
         Ok(reply
@@ -565,6 +582,20 @@ impl Queue {
                 id: e.id,
             })
             .collect())
+    }
+
+    /// The id of the newest dead-letter entry, if there is one.
+    ///
+    /// # Errors
+    ///
+    /// When the queue's Redis fails.
+    pub async fn dead_last_id(&self) -> Result<Option<String>, QueueError> {
+        let mut conn = self.conn.clone();
+        let reply: redis::streams::StreamRangeReply = conn
+            .xrevrange_count(&self.dead, "+", "-", 1)
+            .await
+            .map_err(QueueError::on("dead list"))?;
+        Ok(reply.ids.into_iter().next().map(|e| e.id))
     }
 
     /// Moves dead-letter entry `id` back into the queue with its attempt count reset.

@@ -364,3 +364,51 @@ async fn subcommands_against_real_redis() {
     let _ = std::fs::remove_file(&ledger);
     cluster.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_retry_all_pages_past_entries_that_are_not_jobs() {
+    use redis::AsyncCommands;
+    let cluster = Cluster::start(2).await;
+    let urls = cluster.urls();
+    let mut conn = cluster.conn(1).await;
+    // More entries that are not jobs than one page holds, then two real jobs.
+    for i in 0..130 {
+        let _: String = conn
+            .xadd(
+                "jobs:dead",
+                "*",
+                &[("job", format!("junk {i}")), ("reason", "x".into())],
+            )
+            .await
+            .unwrap();
+    }
+    for order in [1, 2] {
+        let job = serde_json::json!({
+            "id": format!("job-{order}"), "kind": "payment", "resource": format!("order:{order}"),
+            "payload": {"order_id": order, "amount_cents": 5}, "attempt": 4, "enqueued_at_ms": 1
+        });
+        let _: String = conn
+            .xadd(
+                "jobs:dead",
+                "*",
+                &[("job", job.to_string()), ("reason", "gave up".into())],
+            )
+            .await
+            .unwrap();
+    }
+    let o = run(job_runner(&urls).args(["dead", "retry", "--all"]));
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout)
+            .contains("retried 2 dead letters; 130 left in place (not jobs)"),
+        "{}",
+        out(&o)
+    );
+    let o = run(job_runner(&urls).arg("info"));
+    let info = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        info.contains("depth     2") && info.contains("dead      130"),
+        "{info}"
+    );
+    cluster.teardown().await;
+}
