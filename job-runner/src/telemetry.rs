@@ -55,11 +55,21 @@ pub fn install_recorder() -> Option<PrometheusHandle> {
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 10.0, 30.0, 60.0, 300.0,
             ];
-            PrometheusBuilder::new()
+            let handle = PrometheusBuilder::new()
                 .set_buckets(&seconds)
                 .ok()?
                 .install_recorder()
-                .ok()
+                .ok()?;
+            // Counters of rare events show from the start, at 0, so that a dashboard or an
+            // alert on their rate sees the series before the first event.
+            for name in [
+                names::LOCK_EXTEND_FAILED,
+                names::LOCKS_LOST,
+                names::RECLAIMED,
+            ] {
+                metrics::counter!(name).absolute(0);
+            }
+            Some(handle)
         })
         .clone()
 }

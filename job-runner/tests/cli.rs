@@ -332,11 +332,37 @@ async fn subcommands_against_real_redis() {
         db.order(43).unwrap().is_some()
     })
     .await;
-    let (_, metrics) = http_get(port, "/metrics").await;
-    assert!(
-        metrics.contains("job_runner_lock_acquire_total"),
-        "{metrics}"
-    );
+    // The job `dead retry --all` put back has run by now: every family has a series.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let metrics = http_get(port, "/metrics").await.1;
+        if metrics.contains(r#"job_runner_jobs_total{kind="mystery",outcome="done"} 1"#) {
+            break metrics;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the retried job never showed in /metrics:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for series in [
+        r#"job_runner_lock_acquire_total{outcome="acquired"}"#,
+        "job_runner_lock_acquire_seconds_bucket",
+        r#"job_runner_job_duration_seconds_bucket{kind="mystery""#,
+        "job_runner_lock_extensions_failed_total 0",
+        "job_runner_locks_lost_total 0",
+        "job_runner_reclaimed_total 0",
+        "job_runner_jobs_in_flight",
+        "job_runner_queue_depth",
+        "job_runner_queue_pending",
+        "job_runner_queue_delayed",
+        "job_runner_queue_dead",
+    ] {
+        assert!(
+            metrics.contains(series),
+            "no `{series}` in /metrics:\n{metrics}"
+        );
+    }
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id().unwrap() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -410,5 +436,64 @@ async fn dead_retry_all_pages_past_entries_that_are_not_jobs() {
         info.contains("depth     2") && info.contains("dead      130"),
         "{info}"
     );
+    cluster.teardown().await;
+}
+
+#[test]
+fn help_shows_examples_for_each_subcommand() {
+    let o = run(job_runner(&[]).arg("--help"));
+    assert!(o.status.success(), "{}", out(&o));
+    let help = String::from_utf8_lossy(&o.stdout);
+    for example in [
+        "job-runner run",
+        "job-runner enqueue payment",
+        "job-runner info",
+        "job-runner dead retry",
+        "job-runner lock exec",
+    ] {
+        assert!(help.contains(example), "--help lacks `{example}`:\n{help}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_job_fields_on_every_job_line() {
+    let cluster = Cluster::start(2).await;
+    let urls = cluster.urls();
+    let o =
+        run(job_runner(&urls).args(["enqueue", "noop", "--resource", "r:json", "--count", "2"]));
+    assert!(o.status.success(), "{}", out(&o));
+    let o = run(job_runner(&urls)
+        .args([
+            "run",
+            "--once",
+            "--metrics-addr",
+            "off",
+            "--log-format",
+            "json",
+        ])
+        .env("RUST_LOG", "info"));
+    assert!(o.status.success(), "{}", out(&o));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let finished: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["message"] == "job finished")
+        .collect();
+    assert_eq!(finished.len(), 2, "{lines:#?}");
+    for line in finished {
+        let span = &line["span"];
+        assert_eq!(span["kind"], "noop", "{line}");
+        assert_eq!(span["resource"], "r:json", "{line}");
+        assert_eq!(span["attempt"], 0, "{line}");
+        assert!(
+            span["id"].as_str().is_some_and(|id| id.len() == 32),
+            "{line}"
+        );
+        assert!(span["token"].as_u64().is_some_and(|t| t >= 1), "{line}");
+        assert_eq!(line["outcome"], "done", "{line}");
+        assert!(line["duration_ms"].as_f64().is_some(), "{line}");
+    }
     cluster.teardown().await;
 }
