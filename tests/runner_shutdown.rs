@@ -157,3 +157,42 @@ async fn shutdown_fits_in_its_timeout_even_when_handlers_ignore_cancellation() {
     );
     assert_all_put_back(cluster, &queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_fetched_as_shutdown_begins_are_put_back_not_run() {
+    let cluster = Cluster::start(2).await;
+    let urls = cluster.urls();
+    let handler = Sleepy::default();
+    let runner = Runner::builder(
+        Queue::connect(&urls[1], "sd", "runner").await.unwrap(),
+        fenced_client(&urls[..1]).await,
+        Registry::new().with("sleep", handler.clone()),
+    )
+    .lock_ttl(Duration::from_millis(900))
+    .visibility_timeout(Duration::from_secs(5))
+    .build()
+    .unwrap();
+    let queue = Queue::connect(&urls[1], "sd", "test").await.unwrap();
+    let stop = CancellationToken::new();
+    let task = {
+        let stop = stop.clone();
+        tokio::spawn(async move { runner.run(async move { stop.cancelled().await }).await })
+    };
+    // Idle, the runner waits inside a blocking fetch. The signal comes, then a job, which
+    // that fetch returns.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    queue
+        .enqueue(&NewJob::new("sleep", "r:late", json!({"ms": 0})))
+        .await
+        .unwrap();
+    let report = task.await.unwrap();
+    assert_eq!(handler.started.load(Ordering::SeqCst), 0, "{report:?}");
+    let st = queue.stats().await.unwrap();
+    assert_eq!(
+        (st.pending, st.depth + st.delayed, st.dead),
+        (0, 1, 0),
+        "the job is waiting for the next runner: {st:?}"
+    );
+    cluster.teardown().await;
+}

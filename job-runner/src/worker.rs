@@ -494,6 +494,13 @@ impl Runner {
                 continue;
             }
             idle_turns = 0;
+            // A signal that came while the fetch blocked: these jobs have not started, so
+            // they go back at once rather than run during the shutdown.
+            if (&mut shutdown).now_or_never().is_some() {
+                drop(permit);
+                self.put_back(batch).await;
+                break 'fetch;
+            }
             let mut permit = Some(permit);
             for delivery in batch {
                 let permit = match permit.take() {
@@ -537,6 +544,23 @@ impl Runner {
         }
         tracing::info!(?report, "runner stopped");
         report
+    }
+
+    /// Returns fetched jobs that will not run here to the queue, due at once. An entry
+    /// that cannot be put back (or is not a job) stays pending and is reclaimed later.
+    async fn put_back(&self, batch: Vec<Delivery>) {
+        let queue = &self.inner.queue;
+        let returns = batch.iter().filter_map(|d| {
+            let job = d.job.as_ref().ok()?;
+            Some(queue.retry_later(&d.entry_id, job, Duration::ZERO))
+        });
+        let returned = futures_util::future::join_all(returns).await;
+        let failed = returned.iter().filter(|r| r.is_err()).count();
+        tracing::info!(
+            jobs = batch.len(),
+            failed,
+            "shutdown: put back jobs fetched as it began"
+        );
     }
 
     /// Nothing waiting, delayed or pending in the queue.
