@@ -333,6 +333,11 @@ impl Queue {
 
     /// Retires a done entry.
     ///
+    /// Unlike [`retry_later`](Self::retry_later) and [`dead_letter`](Self::dead_letter),
+    /// this does not check that the entry is still this consumer's: it is called only once
+    /// the job is done, and a done job's entry may be retired by whoever ran it. Acks stay
+    /// plain `XACK`s, batched, on the hot path.
+    ///
     /// # Errors
     ///
     /// When the queue's Redis fails; the entry then stays pending and is reclaimed later.
