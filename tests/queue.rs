@@ -10,11 +10,21 @@ use redis::AsyncCommands;
 use serde_json::json;
 use support::Cluster;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn enqueue_fetch_ack() {
+/// A one-node cluster, and the queue `name` on it read as each of `consumers`.
+async fn queues<const N: usize>(name: &str, consumers: [&str; N]) -> (Cluster, [Queue; N]) {
     let cluster = Cluster::start(1).await;
     let url = cluster.urls()[0].clone();
-    let queue = Queue::connect(&url, "q1", "worker-a").await.unwrap();
+    let mut queues = Vec::with_capacity(N);
+    for consumer in consumers {
+        queues.push(Queue::connect(&url, name, consumer).await.unwrap());
+    }
+    let queues: [Queue; N] = queues.try_into().expect("one queue per consumer");
+    (cluster, queues)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_fetch_ack() {
+    let (cluster, [queue]) = queues("q1", ["worker-a"]).await;
     let id = queue
         .enqueue(&NewJob::new(
             "payment",
@@ -48,9 +58,7 @@ async fn enqueue_fetch_ack() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_entries_go_to_dead_letters_with_a_reason() {
-    let cluster = Cluster::start(1).await;
-    let url = cluster.urls()[0].clone();
-    let queue = Queue::connect(&url, "q2", "worker-a").await.unwrap();
+    let (cluster, [queue]) = queues("q2", ["worker-a"]).await;
     let mut c = cluster.conn(0).await;
     let _: String = c
         .xadd("q2:jobs", "*", &[("job", "this is not json")])
@@ -77,9 +85,7 @@ async fn malformed_entries_go_to_dead_letters_with_a_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_goes_through_the_delayed_set() {
-    let cluster = Cluster::start(1).await;
-    let url = cluster.urls()[0].clone();
-    let queue = Queue::connect(&url, "q3", "worker-a").await.unwrap();
+    let (cluster, [queue]) = queues("q3", ["worker-a"]).await;
     queue
         .enqueue(&NewJob::new("exec", "report", json!(null)))
         .await
@@ -114,10 +120,7 @@ async fn retry_goes_through_the_delayed_set() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_entries_are_reclaimed_after_the_visibility_timeout() {
-    let cluster = Cluster::start(1).await;
-    let url = cluster.urls()[0].clone();
-    let crashed = Queue::connect(&url, "q4", "worker-crashed").await.unwrap();
-    let rescuer = Queue::connect(&url, "q4", "worker-rescuer").await.unwrap();
+    let (cluster, [crashed, rescuer]) = queues("q4", ["worker-crashed", "worker-rescuer"]).await;
     crashed
         .enqueue(&NewJob::new("payment", "order:7", json!({})))
         .await
@@ -160,10 +163,7 @@ async fn stalled_entries_are_reclaimed_after_the_visibility_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_consumer_cannot_retire_an_entry_another_one_reclaimed() {
-    let cluster = Cluster::start(1).await;
-    let url = cluster.urls()[0].clone();
-    let stalled = Queue::connect(&url, "q5", "worker-stalled").await.unwrap();
-    let rescuer = Queue::connect(&url, "q5", "worker-rescuer").await.unwrap();
+    let (cluster, [stalled, rescuer]) = queues("q5", ["worker-stalled", "worker-rescuer"]).await;
     stalled
         .enqueue(&NewJob::new("payment", "order:9", json!({})))
         .await
@@ -223,9 +223,7 @@ async fn a_stalled_consumer_cannot_retire_an_entry_another_one_reclaimed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_without_a_text_job_field_keeps_its_fields_in_the_dead_letter() {
-    let cluster = Cluster::start(1).await;
-    let url = cluster.urls()[0].clone();
-    let queue = Queue::connect(&url, "q6", "worker-a").await.unwrap();
+    let (cluster, [queue]) = queues("q6", ["worker-a"]).await;
     let mut c = cluster.conn(0).await;
     let _: String = c
         .xadd("q6:jobs", "*", &[("task", "charge order 5")])

@@ -39,6 +39,25 @@ impl Handler for Sleepy {
     }
 }
 
+/// A runner of `handler` on `urls` (node 0 locks, node 1 queues), tuned by `tune`.
+async fn sleepy_runner(
+    urls: &[String],
+    handler: &Sleepy,
+    tune: impl FnOnce(job_runner::RunnerBuilder) -> job_runner::RunnerBuilder,
+) -> Runner {
+    tune(
+        Runner::builder(
+            Queue::connect(&urls[1], "sd", "runner").await.unwrap(),
+            fenced_client(&urls[..1]).await,
+            Registry::new().with("sleep", handler.clone()),
+        )
+        .lock_ttl(Duration::from_millis(900))
+        .visibility_timeout(Duration::from_secs(5)),
+    )
+    .build()
+    .unwrap()
+}
+
 async fn scenario(
     job_ms: u64,
     shutdown_timeout: Duration,
@@ -62,18 +81,12 @@ async fn scenario_with(
     let cluster = Cluster::start(2).await;
     let urls = cluster.urls();
     let handler = Sleepy::default();
-    let runner = Runner::builder(
-        Queue::connect(&urls[1], "sd", "runner").await.unwrap(),
-        fenced_client(&urls[..1]).await,
-        Registry::new().with("sleep", handler.clone()),
-    )
-    .concurrency(4)
-    .lock_ttl(Duration::from_millis(900))
-    .visibility_timeout(Duration::from_secs(5))
-    .shutdown_timeout(shutdown_timeout)
-    .cancel_grace(cancel_grace)
-    .build()
-    .unwrap();
+    let runner = sleepy_runner(&urls, &handler, |b| {
+        b.concurrency(4)
+            .shutdown_timeout(shutdown_timeout)
+            .cancel_grace(cancel_grace)
+    })
+    .await;
     let queue = Queue::connect(&urls[1], "sd", "test").await.unwrap();
     let jobs: Vec<NewJob> = (0..12)
         .map(|i| NewJob::new("sleep", format!("r:{i}"), payload.clone()))
@@ -163,15 +176,7 @@ async fn jobs_fetched_as_shutdown_begins_are_put_back_not_run() {
     let cluster = Cluster::start(2).await;
     let urls = cluster.urls();
     let handler = Sleepy::default();
-    let runner = Runner::builder(
-        Queue::connect(&urls[1], "sd", "runner").await.unwrap(),
-        fenced_client(&urls[..1]).await,
-        Registry::new().with("sleep", handler.clone()),
-    )
-    .lock_ttl(Duration::from_millis(900))
-    .visibility_timeout(Duration::from_secs(5))
-    .build()
-    .unwrap();
+    let runner = sleepy_runner(&urls, &handler, |b| b).await;
     let queue = Queue::connect(&urls[1], "sd", "test").await.unwrap();
     let stop = CancellationToken::new();
     let task = {

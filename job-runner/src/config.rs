@@ -535,6 +535,59 @@ mod tests {
     }
 
     #[test]
+    fn timing_settings_take_flags_over_the_file_and_stay_in_range() {
+        let file = FileConfig {
+            lock_node_timeout_ms: Some(80),
+            backoff_base_ms: Some(200),
+            backoff_max_ms: Some(5_000),
+            ..FileConfig::default()
+        };
+        let s = Settings::resolve(Overrides::default(), file.clone()).unwrap();
+        assert_eq!(
+            (s.lock_node_timeout_ms, s.backoff_base_ms, s.backoff_max_ms),
+            (80, 200, 5_000)
+        );
+        let o = Overrides {
+            lock_node_timeout_ms: Some(30),
+            backoff_base_ms: Some(10),
+            backoff_max_ms: Some(90),
+            ..Overrides::default()
+        };
+        let s = Settings::resolve(o, file).unwrap();
+        assert_eq!(
+            (s.lock_node_timeout_ms, s.backoff_base_ms, s.backoff_max_ms),
+            (30, 10, 90)
+        );
+        // Values whose deadlines would overflow are refused by name, not left to panic.
+        let key = |o: Overrides| Settings::resolve(o, FileConfig::default()).unwrap_err().key;
+        let huge = Overrides {
+            job_timeout_secs: Some(u64::MAX),
+            ..Overrides::default()
+        };
+        assert_eq!(key(huge), "job_timeout_secs");
+        let huge = Overrides {
+            lock_ttl_ms: Some(u64::MAX),
+            ..Overrides::default()
+        };
+        assert_eq!(key(huge), "lock_ttl_ms");
+        let huge = Overrides {
+            lock_node_timeout_ms: Some(u64::MAX),
+            ..Overrides::default()
+        };
+        assert_eq!(key(huge), "lock_node_timeout_ms");
+        let huge = Overrides {
+            visibility_timeout_ms: Some(u64::MAX),
+            ..Overrides::default()
+        };
+        assert_eq!(key(huge), "visibility_timeout_ms");
+        let huge = Overrides {
+            shutdown_timeout_secs: Some(u64::MAX),
+            ..Overrides::default()
+        };
+        assert_eq!(key(huge), "shutdown_timeout_secs");
+    }
+
+    #[test]
     fn job_runner_queue_beats_redis_url_beats_file() {
         let file = FileConfig {
             queue: Some("redis://file:6379".into()),
