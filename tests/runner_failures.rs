@@ -266,8 +266,8 @@ async fn malformed_entries_are_dead_lettered_and_the_worker_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_that_keeps_taking_its_runners_down_is_dead_lettered() {
-    // Three runners took the job and died on it (they fetched or reclaimed it and never
-    // came back); a fourth finds it handed out four times, more than `max_attempts`.
+    // Four consumers took the job and died on it (one fetched it, three reclaimed it, none
+    // came back); the runner's reclaim is its fifth hand-out, more than `max_attempts`.
     let cluster = Cluster::start(2).await;
     let url = cluster.urls()[1].clone();
     let visibility = Duration::from_millis(700);
