@@ -12,7 +12,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fencelock::sim::SimCluster;
+use fencelock::sim::{Bug, SimCluster};
 use fencelock::{Redlock, RetryPolicy};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -63,6 +63,9 @@ fn run(seed: u64, mode: Mode) -> Result<(Vec<Holding>, Faults), String> {
         let origin = Instant::now();
         let mut rng = SmallRng::seed_from_u64(seed);
         let cluster = SimCluster::new(NODES, seed);
+        if mode == Mode::SabotagedWriteBack {
+            cluster.plant(Bug::NoFenceWriteBack);
+        }
         for i in 0..NODES {
             cluster
                 .node(i)
@@ -85,9 +88,6 @@ fn run(seed: u64, mode: Mode) -> Result<(Vec<Holding>, Faults), String> {
                 // its workers want it, so that chains outlive the TTL and their reserved
                 // tokens, and live on the validity and tokens they carry.
                 builder = builder.max_local_handoffs(usize::MAX);
-            }
-            if mode == Mode::SabotagedWriteBack {
-                builder = builder.sabotage_fence_write_back();
             }
             clients.push(builder.build_simulated(&cluster).await.unwrap());
         }

@@ -459,11 +459,15 @@ async fn connect_queue(settings: &Settings, consumer: &str) -> Result<Queue, Exi
         })
 }
 
-async fn connect_locks(settings: &Settings) -> Result<Redlock, Exit> {
+/// The lock client. Its restart quarantine covers `longest_ttl`, the longest TTL this
+/// process locks with: a lock node that restarted without its data must not vote again
+/// while a lock it granted may still be valid.
+async fn connect_locks(settings: &Settings, longest_ttl: Duration) -> Result<Redlock, Exit> {
     let nodes = settings.require_lock_nodes()?;
     Redlock::builder()
         .nodes(nodes.iter().cloned())
         .node_timeout(Duration::from_millis(settings.lock_node_timeout_ms))
+        .restart_quarantine(longest_ttl.max(fencelock::DEFAULT_RESTART_QUARANTINE))
         .fencing(true)
         .build()
         .await
@@ -485,7 +489,7 @@ pub async fn run(
     once: bool,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Exit> {
-    let locks = connect_locks(&settings).await?;
+    let locks = connect_locks(&settings, settings.lock_ttl()).await?;
     let queue = connect_queue(&settings, &settings.consumer).await?;
     let ledger = Ledger::open_with(&settings.ledger, settings.ledger_fencing).map_err(|e| {
         Exit::new(
@@ -703,8 +707,8 @@ async fn lock_exec(
     args: LockExecArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<i32, Exit> {
-    let locks = connect_locks(settings).await?;
     let ttl = Duration::from_millis(args.ttl_ms);
+    let locks = connect_locks(settings, ttl).await?;
     // Retry about every 150 ms for the whole wait.
     let retries = (args.wait_secs * 1000 / 150) as u32;
     let policy = RetryPolicy::new(

@@ -8,7 +8,7 @@ use futures_util::future::join_all;
 
 use crate::client::{Inner, Redlock};
 use crate::error::Error;
-use crate::node::Node;
+use crate::node::{Node, NodePolicy};
 use crate::quorum::quorum;
 use crate::retry::RetryPolicy;
 
@@ -28,6 +28,11 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// The default restart quarantine: 30 s. See [`RedlockBuilder::restart_quarantine`].
 pub const DEFAULT_RESTART_QUARANTINE: Duration = Duration::from_secs(30);
 
+/// The longest TTL a lock may be taken or extended for: 24 hours. Hold a lock longer with
+/// [`auto_extend`](crate::LockGuard::auto_extend); a TTL this long would also need a
+/// restart quarantine as long, which keeps a restarted node out of service all that time.
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+
 /// The default bound on in-process hand-offs in a row: 8. See
 /// [`RedlockBuilder::max_local_handoffs`].
 pub const DEFAULT_MAX_LOCAL_HANDOFFS: usize = 8;
@@ -44,6 +49,7 @@ pub const DEFAULT_MAX_LOCAL_HANDOFFS: usize = 8;
 /// | [`max_local_handoffs`](Self::max_local_handoffs) | [`DEFAULT_MAX_LOCAL_HANDOFFS`], 8 |
 /// | [`fencing`](Self::fencing) | off |
 /// | [`restart_quarantine`](Self::restart_quarantine) | [`DEFAULT_RESTART_QUARANTINE`], 30 s |
+/// | [`allow_eviction`](Self::allow_eviction) | false: nodes that may evict keys are refused |
 #[derive(Debug, Clone)]
 #[must_use = "a builder does nothing until `build()` is awaited"]
 pub struct RedlockBuilder {
@@ -55,10 +61,9 @@ pub struct RedlockBuilder {
     max_local_handoffs: usize,
     fencing: bool,
     quarantine: Duration,
+    allow_eviction: bool,
     #[cfg(feature = "sim")]
     jitter_seed: Option<u64>,
-    #[cfg(feature = "sim")]
-    write_back: bool,
     #[cfg(feature = "sim")]
     pass_on: bool,
 }
@@ -74,10 +79,9 @@ impl Default for RedlockBuilder {
             max_local_handoffs: DEFAULT_MAX_LOCAL_HANDOFFS,
             fencing: false,
             quarantine: DEFAULT_RESTART_QUARANTINE,
+            allow_eviction: false,
             #[cfg(feature = "sim")]
             jitter_seed: None,
-            #[cfg(feature = "sim")]
-            write_back: true,
             #[cfg(feature = "sim")]
             pass_on: true,
         }
@@ -158,12 +162,32 @@ impl RedlockBuilder {
         self
     }
 
-    /// How long a node that restarted without its data stays out of every quorum
-    /// (default 30 s). Set it to at least the longest TTL any client of these nodes uses:
-    /// a lock the node granted before it lost its data has expired by then everywhere.
-    /// Nodes with persistence (AOF) keep their state across a restart and skip it.
+    /// How long a node that restarted without all of its data stays out of every quorum
+    /// (default 30 s): a lock the node granted before it lost its data has expired by then
+    /// everywhere. A lock or extension with a TTL longer than this is refused with a
+    /// [`Config`](crate::ErrorKind::Config) error. Must be between 1 ms and [`MAX_TTL`].
+    ///
+    /// The nodes record the quarantine of the client that first finds them restarted, so
+    /// every client of the same nodes must use a quarantine at least as long as the
+    /// longest TTL *any* of them uses: give them all the same setting. Nodes whose
+    /// persistence cannot lose an acknowledged write (AOF with `appendfsync always`) keep
+    /// their state across a restart and skip the quarantine.
     pub fn restart_quarantine(mut self, quarantine: Duration) -> Self {
         self.quarantine = quarantine;
+        self
+    }
+
+    /// Whether to use lock nodes whose `maxmemory-policy` may evict keys (default false).
+    ///
+    /// An evicting node can drop a lock key, a fence counter or its own restart state while
+    /// it runs, with no restart to detect: that can let a second holder in, or repeat a
+    /// token. By default such a node is refused: `build()` fails with a
+    /// [`Config`](crate::ErrorKind::Config) error naming it and the setting, and a node that
+    /// turns out to be so configured later fails every call. Set `maxmemory-policy
+    /// noeviction` on the nodes instead; turn this on only if the nodes can never reach
+    /// their memory limit.
+    pub fn allow_eviction(mut self, allow: bool) -> Self {
+        self.allow_eviction = allow;
         self
     }
 
@@ -173,7 +197,9 @@ impl RedlockBuilder {
     /// Nodes that cannot be reached now are logged and retried in the background: a client
     /// with a minority of nodes down still locks. Only settings that can never work fail:
     /// no nodes, a URL that does not parse, the same node twice, a drift factor outside
-    /// `[0, 0.5)`, a zero timeout. An even number of nodes is allowed with a warning, since
+    /// `[0, 0.5)`, a zero timeout, a quarantine outside `[1 ms, MAX_TTL]`, and a reachable
+    /// node whose `maxmemory-policy` may evict keys (see
+    /// [`allow_eviction`](Self::allow_eviction)). An even number of nodes is allowed with a warning, since
     /// it tolerates no more failures than one node fewer.
     ///
     /// # Errors
@@ -191,7 +217,7 @@ impl RedlockBuilder {
         let mut seen: HashMap<_, usize> = HashMap::new();
         for (i, url) in self.nodes.iter().enumerate() {
             let field = node_field(i);
-            let (node, identity) = Node::new(field, url, self.connect_timeout)?;
+            let (node, identity) = Node::new(field, url, self.connect_timeout, self.policy())?;
             if let Some(first) = seen.insert(identity, i) {
                 return Err(Error::config(
                     field,
@@ -203,7 +229,11 @@ impl RedlockBuilder {
             }
             nodes.push(node);
         }
-        self.finish(nodes).await
+        #[cfg(feature = "sim")]
+        let planted = crate::sim::Planted::default();
+        #[cfg(not(feature = "sim"))]
+        let planted = ();
+        self.finish(nodes, planted).await
     }
 
     /// Builds a client on simulated nodes (feature `sim`), with the same settings and
@@ -218,13 +248,14 @@ impl RedlockBuilder {
             return Err(Error::config("nodes", "the simulated cluster has no nodes"));
         }
         self.check_settings()?;
+        let policy = self.policy();
         let nodes = cluster
             .shared()
             .iter()
-            .cloned()
-            .map(Node::simulated)
+            .map(|node| Node::simulated(crate::sim::SimConn::new(node.clone(), policy)))
             .collect();
-        self.finish(nodes).await
+        let planted = cluster.planted();
+        self.finish(nodes, planted).await
     }
 
     /// Draws retry jitter from a generator seeded with `seed` (feature `sim`), so that a
@@ -235,15 +266,6 @@ impl RedlockBuilder {
         self
     }
 
-    /// Skips the fencing write-back round (feature `sim`): a deliberately broken client,
-    /// for showing that the simulation's checker catches non-monotonic tokens.
-    #[cfg(feature = "sim")]
-    #[doc(hidden)]
-    pub fn sabotage_fence_write_back(mut self) -> Self {
-        self.write_back = false;
-        self
-    }
-
     /// Makes every in-process hand-off a swap round (feature `sim`), as if validity were
     /// always short: for tests of what happens around those rounds.
     #[cfg(feature = "sim")]
@@ -251,6 +273,13 @@ impl RedlockBuilder {
     pub fn swap_every_hand_off(mut self) -> Self {
         self.pass_on = false;
         self
+    }
+
+    fn policy(&self) -> NodePolicy {
+        NodePolicy {
+            quarantine_ms: crate::clock::millis_ceil(self.quarantine),
+            allow_eviction: self.allow_eviction,
+        }
     }
 
     fn check_settings(&self) -> Result<(), Error> {
@@ -269,10 +298,24 @@ impl RedlockBuilder {
                 "must be greater than zero",
             ));
         }
+        if self.quarantine < Duration::from_millis(1) || self.quarantine > MAX_TTL {
+            return Err(Error::config(
+                "restart_quarantine",
+                format!(
+                    "{:?} is outside [1ms, {MAX_TTL:?}]; it must cover the longest TTL any client uses",
+                    self.quarantine
+                ),
+            ));
+        }
         Ok(())
     }
 
-    async fn finish(self, nodes: Vec<Node>) -> Result<Redlock, Error> {
+    async fn finish(
+        self,
+        nodes: Vec<Node>,
+        #[cfg(feature = "sim")] planted: crate::sim::Planted,
+        #[cfg(not(feature = "sim"))] _planted: (),
+    ) -> Result<Redlock, Error> {
         let n = nodes.len();
         if n.is_multiple_of(2) {
             tracing::warn!(
@@ -284,8 +327,11 @@ impl RedlockBuilder {
         }
 
         let results = join_all(nodes.iter().map(|n| n.warm_up(self.connect_timeout))).await;
-        for failure in results.into_iter().filter_map(Result::err) {
-            tracing::warn!(node = failure.node(), error = %failure, "lock node unreachable; will keep retrying");
+        for error in results.into_iter().filter_map(Result::err) {
+            if let Error::Config(_) = error {
+                return Err(error);
+            }
+            tracing::warn!(%error, "lock node unreachable; will keep retrying");
         }
 
         #[allow(unused_mut)]
@@ -304,7 +350,7 @@ impl RedlockBuilder {
             inner.jitter = self
                 .jitter_seed
                 .map(|seed| std::sync::Mutex::new(rand::rngs::SmallRng::seed_from_u64(seed)));
-            inner.write_back = self.write_back;
+            inner.planted = planted;
             inner.pass_on = self.pass_on;
         }
         let client = Redlock::from_inner(inner);

@@ -18,7 +18,8 @@ use rand::rngs::SmallRng;
 use redis::Script;
 use tracing::Instrument;
 
-use crate::builder::RedlockBuilder;
+use crate::builder::{MAX_TTL, RedlockBuilder};
+use crate::clock;
 use crate::error::{Error, LostReason, NodeFailure};
 use crate::guard::LockGuard;
 use crate::local::{Baton, LocalTurn, Slots};
@@ -62,8 +63,9 @@ pub(crate) struct Inner {
     /// A seeded source of retry jitter, for reproducible simulations; `None` draws from the
     /// operating system.
     pub(crate) jitter: Option<StdMutex<SmallRng>>,
-    /// Off only in simulations that show the checker catches a missing write-back.
-    pub(crate) write_back: bool,
+    /// The bugs a simulation planted in this client, to show that its checker catches them.
+    #[cfg(feature = "sim")]
+    pub(crate) planted: crate::sim::Planted,
     /// Off only in tests that need every hand-off to be a swap round.
     pub(crate) pass_on: bool,
     /// Tasks of this process that want the same resource queue here instead of hammering
@@ -92,7 +94,8 @@ impl Inner {
             quarantine,
             seeding: AtomicBool::new(false),
             jitter: None,
-            write_back: true,
+            #[cfg(feature = "sim")]
+            planted: crate::sim::Planted::default(),
             pass_on: true,
             local: Slots::default(),
         }
@@ -280,10 +283,6 @@ impl Redlock {
         &self.inner.nodes
     }
 
-    pub(crate) fn quarantine(&self) -> Duration {
-        self.inner.quarantine
-    }
-
     pub(crate) fn seeding_flag(&self) -> &AtomicBool {
         &self.inner.seeding
     }
@@ -314,7 +313,16 @@ impl Redlock {
 
     /// The clock drift allowed for a lock of `ttl`: `ttl * drift_factor + 2 ms`.
     pub fn drift(&self, ttl: Duration) -> Duration {
+        if planted!(self, NoDrift) {
+            return Duration::ZERO;
+        }
         ttl.mul_f64(self.inner.drift_factor) + Duration::from_millis(2)
+    }
+
+    /// Whether a simulation planted `bug` in this client.
+    #[cfg(feature = "sim")]
+    pub(crate) fn planted(&self, bug: crate::sim::Bug) -> bool {
+        self.inner.planted.contains(bug)
     }
 
     /// Locks `resource` for `ttl`, retrying with jitter while it is contended or a quorum
@@ -412,9 +420,29 @@ impl Redlock {
         self.acquire(resources, ttl, policy).await
     }
 
+    /// Refuses a TTL that cannot be held safely: below 1 ms, above [`MAX_TTL`], eaten by
+    /// the drift allowance, or longer than the restart quarantine (a node that restarted
+    /// empty would then vote again while a lock it had granted was still valid).
     pub(crate) fn check_ttl(&self, ttl: Duration) -> Result<(), Error> {
         if ttl < Duration::from_millis(1) {
             return Err(Error::config("ttl", "must be at least 1 ms"));
+        }
+        if ttl > MAX_TTL {
+            return Err(Error::config(
+                "ttl",
+                format!(
+                    "{ttl:?} is longer than the maximum of {MAX_TTL:?}; hold longer with `auto_extend`"
+                ),
+            ));
+        }
+        if ttl > self.inner.quarantine && !planted!(self, TtlAboveQuarantine) {
+            return Err(Error::config(
+                "ttl",
+                format!(
+                    "{ttl:?} is longer than the restart quarantine of {:?}: a lock node that restarts without its data could let a second holder in before this lock expires; raise `restart_quarantine` to at least the longest TTL any client uses",
+                    self.inner.quarantine
+                ),
+            ));
         }
         let drift = self.drift(ttl);
         if ttl <= drift {
@@ -445,6 +473,18 @@ impl Redlock {
                 format!("resource {i} is the empty string"),
             ));
         }
+        if let Some(r) = resources
+            .iter()
+            .find(|r| r.starts_with(scripts::RESERVED_PREFIX))
+        {
+            return Err(Error::config(
+                "resources",
+                format!(
+                    "`{r}` starts with `{}`, which fencelock keeps for its own keys on the nodes",
+                    scripts::RESERVED_PREFIX
+                ),
+            ));
+        }
         self.check_ttl(ttl)?;
         let mut keys: Vec<String> = resources.iter().map(|r| (*r).to_owned()).collect();
         keys.sort();
@@ -455,7 +495,7 @@ impl Redlock {
             "fencelock.acquire",
             resource = %keys[0],
             resources = keys.len(),
-            ttl_ms = ttl.as_millis() as u64,
+            ttl_ms = clock::millis_ceil(ttl),
             attempts = tracing::field::Empty,
         );
         async move {
@@ -527,7 +567,7 @@ impl Redlock {
         };
         let full = ttl - self.drift(ttl);
         let floor = full.saturating_sub(self.inner.node_timeout).max(full / 2);
-        (baton.valid_until >= Instant::now() + floor).then(|| Granted {
+        (baton.valid_until >= clock::after(Instant::now(), floor)).then(|| Granted {
             token,
             handoffs: baton.handoffs + 1,
             ..baton.clone()
@@ -552,9 +592,9 @@ impl Redlock {
         values.push(new_value().into());
         values.extend_from_slice(previous);
         let start = Instant::now();
-        let valid_until = start + ttl - self.drift(ttl);
-        let ttl_ms = ttl.as_millis() as u64;
-        let quarantine_ms = self.inner.quarantine.as_millis() as u64;
+        let valid_until = clock::after(start, ttl - self.drift(ttl));
+        let ttl_ms = clock::millis_ceil(ttl);
+        let quarantine_ms = self.quarantine_ms();
         let fenced_arg = u8::from(fenced);
         let reserved = if fenced {
             self.inner.max_local_handoffs.min(MAX_RESERVED_TOKENS) as u64
@@ -617,7 +657,7 @@ impl Redlock {
         // after it before handing it out.
         let mut fence_failed = false;
         if fenced
-            && self.inner.write_back
+            && !planted!(self, NoFenceWriteBack)
             && tally.decision() == Decision::Reached
             && replies.highest != replies.lowest
         {
@@ -703,7 +743,15 @@ impl Redlock {
     /// When a round started at `start` gives up on the nodes that have not answered: after
     /// the node timeout, but never past the lock's validity.
     pub(crate) fn round_deadline(&self, start: Instant, valid_until: Instant) -> Instant {
-        valid_until.min(start + self.inner.node_timeout)
+        valid_until.min(clock::after(start, self.inner.node_timeout))
+    }
+
+    /// The quarantine, as the scripts take it.
+    pub(crate) fn quarantine_ms(&self) -> u64 {
+        if planted!(self, NoQuarantine) {
+            return 0;
+        }
+        clock::millis_ceil(self.inner.quarantine)
     }
 
     /// Runs `script` on every node at once and counts the replies: a positive integer is
@@ -863,7 +911,7 @@ impl Redlock {
         let values: Vec<&str> = values.iter().map(|v| &**v).collect();
         let args: Vec<&dyn ToRedisArgsDyn> =
             values.iter().map(|v| v as &dyn ToRedisArgsDyn).collect();
-        let deadline = Instant::now() + self.inner.node_timeout;
+        let deadline = clock::after(Instant::now(), self.inner.node_timeout);
         let replies = self
             .broadcast(
                 "release",
@@ -914,7 +962,7 @@ impl Redlock {
         ttl: Duration,
         valid_until: Instant,
     ) -> Replies {
-        let ttl_ms = ttl.as_millis() as u64;
+        let ttl_ms = clock::millis_ceil(ttl);
         let values: Vec<&str> = values.iter().map(|v| &**v).collect();
         let mut args: Vec<&dyn ToRedisArgsDyn> = Vec::with_capacity(values.len() + 1);
         args.push(&ttl_ms);
@@ -969,7 +1017,7 @@ impl Redlock {
 /// operating system), hex-encoded: unique per acquisition and opaque, like node-redlock's
 /// and redsync's values. Two `getrandom` calls per acquisition cost more than the rest of
 /// the client's work for it.
-fn new_value() -> String {
+pub(crate) fn new_value() -> String {
     let bits: u128 = rand::rng().random();
     format!("{bits:032x}")
 }

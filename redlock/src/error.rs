@@ -187,6 +187,11 @@ pub enum LostReason {
     /// Auto-extension stopped at its maximum number of extensions, and the lock then
     /// expired.
     ExtensionLimit,
+    /// The watchdog stopped watching: its guard was taken back with
+    /// [`AutoExtend::stop`](crate::AutoExtend::stop), or released or dropped with it. A
+    /// [`LockHealth`](crate::LockHealth) ends in this state, so work that still holds one
+    /// stops trusting the lock.
+    Stopped,
 }
 
 impl Error {
@@ -280,6 +285,10 @@ impl fmt::Display for Error {
                 LostReason::ExtensionLimit => write!(
                     f,
                     "lock on `{resource}` expired after reaching its maximum number of extensions"
+                ),
+                LostReason::Stopped => write!(
+                    f,
+                    "lock on `{resource}` is no longer watched: its watchdog stopped"
                 ),
             },
             Error::Redis(NodeFailure::Timeout { node, after }) => {

@@ -63,6 +63,10 @@ impl LockGuard {
         }
     }
 
+    pub(crate) fn client(&self) -> &Redlock {
+        &self.client
+    }
+
     /// The resource locked (the first, in sorted order, of a multi-resource lock).
     pub fn resource(&self) -> &str {
         &self.keys[0]
@@ -118,24 +122,26 @@ impl LockGuard {
         Instant::now() < self.held.valid_until
     }
 
-    /// Extends the lock to `ttl` from now on a quorum of nodes.
+    /// Extends the lock to `ttl` from now on a quorum of nodes. `ttl` may be shorter than
+    /// the validity left: the lock then ends sooner.
     ///
     /// Refused locally, without asking Redis, once validity has run out. A failed extension
-    /// never deletes anything: if it fails for lack of a quorum, the lock stays valid until
-    /// its previous deadline, and you may try again.
+    /// never deletes anything, and you may try again. What it leaves is the earlier of the
+    /// previous deadline and the one this extension would have set: a node whose reply was
+    /// lost may still have applied the new TTL, so a failed *shortening* shortens the lock
+    /// just the same, while a failed lengthening leaves the previous deadline.
     ///
     /// # Errors
     ///
     /// [`Lost`](crate::ErrorKind::Lost) when validity is gone or a quorum no longer holds our
-    /// value; [`NoQuorum`](crate::ErrorKind::NoQuorum) or
-    /// [`Timeout`](crate::ErrorKind::Timeout) when too many nodes failed, in which case
-    /// [`valid_until`](Self::valid_until) is unchanged; [`Config`](crate::ErrorKind::Config)
-    /// for a TTL that leaves no validity.
+    /// value; [`NoQuorum`](crate::ErrorKind::NoQuorum) when too many nodes failed or did not
+    /// answer in time; [`Config`](crate::ErrorKind::Config) for a TTL that leaves no
+    /// validity, exceeds [`MAX_TTL`](crate::MAX_TTL) or the restart quarantine.
     ///
     /// # Cancel safety
     ///
-    /// Cancel safe. If the future is dropped mid-flight some nodes may have extended their
-    /// keys; the guard keeps its earlier, shorter deadline (the safe side) and still
+    /// Cancel safe. If the future is dropped mid-flight some nodes may have applied the new
+    /// TTL; the guard keeps the earlier of the two deadlines (the safe side) and still
     /// releases every node.
     pub async fn extend(&mut self, ttl: Duration) -> Result<(), Error> {
         if !self.is_valid() {
@@ -145,11 +151,15 @@ impl LockGuard {
         let span = tracing::info_span!(
             "fencelock.extend",
             resource = %self.keys[0],
-            ttl_ms = ttl.as_millis() as u64,
+            ttl_ms = crate::clock::millis_ceil(ttl),
             quorum_margin = tracing::field::Empty,
         );
         let start = Instant::now();
-        let new_valid_until = start + ttl - self.client.drift(ttl);
+        let new_valid_until = crate::clock::after(start, ttl - self.client.drift(ttl));
+        let previous = self.held.valid_until;
+        // From the moment it is sent, the new TTL may land on any node, whatever we hear
+        // back: a shorter one shortens the lock now, and a failure cannot undo that.
+        self.held.valid_until = previous.min(new_valid_until);
         let replies = self
             .client
             .extend_all(&self.keys, &self.held.values, ttl, self.held.valid_until)
@@ -171,6 +181,16 @@ impl LockGuard {
             _ if tally.refusals_alone_prevent_quorum() => {
                 self.held.valid_until = Instant::now().min(self.held.valid_until);
                 Err(self.client.lost(&self.keys, LostReason::NotOwned))
+            }
+            _ if planted!(self.client, ExtendKeepsLongerDeadline) => {
+                self.held.valid_until = previous;
+                Err(Error::NoQuorum {
+                    resource: self.keys[0].clone(),
+                    operation: "extend",
+                    quorum: tally.quorum(),
+                    succeeded: tally.ok,
+                    failures,
+                })
             }
             _ => Err(Error::NoQuorum {
                 resource: self.keys[0].clone(),

@@ -37,8 +37,24 @@
 //! cost their per-node timeout; a majority down gives a fast
 //! [`NoQuorum`](ErrorKind::NoQuorum) error.
 
+/// Whether a simulation planted the named [`sim::Bug`] in a client: always false without
+/// the `sim` feature, so the check compiles away.
+macro_rules! planted {
+    ($client:expr, $bug:ident) => {{
+        #[cfg(feature = "sim")]
+        let planted = $client.planted(crate::sim::Bug::$bug);
+        #[cfg(not(feature = "sim"))]
+        let planted = {
+            let _ = &$client;
+            false
+        };
+        planted
+    }};
+}
+
 mod builder;
 mod client;
+mod clock;
 mod error;
 mod guard;
 mod local;
@@ -53,7 +69,7 @@ mod watchdog;
 
 pub use builder::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRIFT_FACTOR, DEFAULT_MAX_LOCAL_HANDOFFS,
-    DEFAULT_NODE_TIMEOUT, DEFAULT_RESTART_QUARANTINE, RedlockBuilder,
+    DEFAULT_NODE_TIMEOUT, DEFAULT_RESTART_QUARANTINE, MAX_TTL, RedlockBuilder,
 };
 pub use client::Redlock;
 pub use error::{ConfigError, Error, ErrorKind, LostReason, NodeFailure};

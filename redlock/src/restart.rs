@@ -9,6 +9,12 @@
 //! quorum are seeded but every node answers (a majority lost its data, or empty nodes were
 //! added), the remaining counters are the best there is: they are copied, the quarantine
 //! stays, and an error is logged, since tokens may then repeat.
+//!
+//! The decision is made from the states read, and the seeding calls may reach a node late,
+//! after it restarted again. Each call therefore carries the `nonce` of the node state it
+//! was decided from, and `seed.lua` refuses it once that state is gone: a stale decision
+//! never lifts a newer quarantine. A node read without any state first gets one (in
+//! quarantine, unseeded), so that there is a nonce to carry.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -44,12 +50,18 @@ impl Redlock {
         let _flag = SeedingFlag(self);
         let nodes = self.inner_nodes();
         let quorum = self.quorum();
-        let states = join_all(nodes.iter().map(|n| n.restart_state(SEED_TIMEOUT))).await;
+        let quarantine_ms = self.quarantine_ms();
+        let states = join_all(
+            nodes
+                .iter()
+                .map(|n| n.restart_state(quarantine_ms, SEED_TIMEOUT)),
+        )
+        .await;
         let (mut seeded, mut unseeded) = (Vec::new(), Vec::new());
         for (node, state) in nodes.iter().zip(states) {
             match state {
-                Ok((_, Some(flag))) if flag == "1" => seeded.push(node),
-                Ok(_) => unseeded.push(node),
+                Ok(state) if state.seeded => seeded.push(node),
+                Ok(state) => unseeded.push((node, state.nonce)),
                 Err(failure) => tracing::debug!(%failure, "node state unknown; not seeding it now"),
             }
         }
@@ -92,19 +104,32 @@ impl Redlock {
             return false;
         };
         let genesis_arg = u8::from(genesis);
-        let quarantine_ms = self.quarantine().as_millis() as u64;
         let mut keys: Vec<String> = vec![scripts::NODE_KEY.to_owned()];
         let mut values: Vec<i64> = Vec::with_capacity(counters.len());
         for (k, v) in counters {
             keys.push(k);
             values.push(v);
         }
-        let mut args: Vec<&dyn ToRedisArgsDyn> = vec![&genesis_arg, &quarantine_ms];
-        args.extend(values.iter().map(|v| v as &dyn ToRedisArgsDyn));
         let mut any = false;
-        for node in unseeded {
+        for (node, nonce) in unseeded {
+            // A state without a nonce was made by an older client; the next read gives it
+            // one through `init.lua` only if it has none at all, so this one waits for its
+            // quarantine-free path: a verify on reconnect.
+            let Some(nonce) = nonce else {
+                tracing::warn!(
+                    node = node.addr(),
+                    "node state has no nonce; not seeding it"
+                );
+                continue;
+            };
+            let mut args: Vec<&dyn ToRedisArgsDyn> = vec![&genesis_arg, &quarantine_ms, &nonce];
+            args.extend(values.iter().map(|v| v as &dyn ToRedisArgsDyn));
             let seed = node.eval(&scripts::SEED, &keys, &args, None);
             match tokio::time::timeout(SEED_TIMEOUT, seed).await {
+                Ok(Ok(0)) => tracing::info!(
+                    node = node.addr(),
+                    "seeding refused: the node's state changed since it was read (it restarted again)"
+                ),
                 Ok(Ok(_)) => {
                     any = true;
                     tracing::info!(

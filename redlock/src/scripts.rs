@@ -17,6 +17,8 @@ pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCE
 pub(crate) static HANDOFF: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[3]));
 pub(crate) static FENCE: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[4]));
 pub(crate) static SEED: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[5]));
+pub(crate) static INIT: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[6]));
+pub(crate) static VERIFY: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[7]));
 
 /// Every other script as a function of one script, which runs a batch of them in one
 /// EVALSHA: a node's driver sends everything queued for the node as one command.
@@ -46,13 +48,15 @@ fn batch_source() -> String {
 const PRELUDE: &str = "local ready_checked = false\n";
 
 /// The scripts' sources, in the order of [`all`].
-const SOURCES: [&str; 6] = [
+const SOURCES: [&str; 8] = [
     include_str!("scripts/acquire.lua"),
     include_str!("scripts/release.lua"),
     include_str!("scripts/extend.lua"),
     include_str!("scripts/handoff.lua"),
     include_str!("scripts/fence.lua"),
     include_str!("scripts/seed.lua"),
+    include_str!("scripts/init.lua"),
+    include_str!("scripts/verify.lua"),
 ];
 
 /// The number [`BATCH`] knows `script` by.
@@ -68,6 +72,10 @@ pub(crate) fn number(script: &Script) -> usize {
 /// counters have been seeded.
 pub(crate) const NODE_KEY: &str = "fencelock:node";
 
+/// The prefix of every key fencelock keeps on a node for itself; a resource may not start
+/// with it.
+pub(crate) const RESERVED_PREFIX: &str = "fencelock:";
+
 /// The prefix of fence counter keys; the resource name follows, in braces so that a
 /// counter lands in the same Redis Cluster slot as its lock.
 pub(crate) const FENCE_PREFIX: &str = "fencelock:fence:";
@@ -78,11 +86,15 @@ pub(crate) fn fence_key(resource: &str) -> String {
 }
 
 /// Every script but [`BATCH`], in the order [`BATCH`] numbers them.
-pub(crate) fn all() -> [&'static Script; 6] {
-    [&ACQUIRE, &RELEASE, &EXTEND, &HANDOFF, &FENCE, &SEED]
+pub(crate) fn all() -> [&'static Script; 8] {
+    [
+        &ACQUIRE, &RELEASE, &EXTEND, &HANDOFF, &FENCE, &SEED, &INIT, &VERIFY,
+    ]
 }
 
 /// Every script, for loading when a connection opens.
-pub(crate) fn to_load() -> [&'static Script; 7] {
-    [&ACQUIRE, &RELEASE, &EXTEND, &HANDOFF, &FENCE, &SEED, &BATCH]
+pub(crate) fn to_load() -> [&'static Script; 9] {
+    [
+        &ACQUIRE, &RELEASE, &EXTEND, &HANDOFF, &FENCE, &SEED, &INIT, &VERIFY, &BATCH,
+    ]
 }

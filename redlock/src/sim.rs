@@ -3,18 +3,27 @@
 //! Each [`SimNode`] executes the same operations as the Lua scripts in `scripts/`, written
 //! again in Rust, on a key space with TTLs measured by the node's own clock. The clock is
 //! tokio's, so a test on a paused runtime (`start_paused`) runs seconds of simulated time
-//! in microseconds; the node's clock rate can be skewed. Faults are injected per node:
-//! random delays, dropped requests or replies, pauses, and wipes (a restart without data).
-//! Every random choice comes from one seeded generator, so a seed replays a schedule.
+//! in microseconds; the node's clock rate can be skewed and its clock stepped. Faults are
+//! injected per node: random delays, dropped requests or replies, pauses, wipes (a restart
+//! without data) and restores (a restart with an older copy of the data, as from an RDB
+//! snapshot). Every call a client makes, the seeding's reads included, crosses the same
+//! delayed, lossy network. Every random choice comes from one seeded generator, so a seed
+//! replays a schedule.
+//!
+//! Each client has its own connection to each node, which notices a restart (the node's
+//! run id changed) and runs the model of `verify.lua` before anything else, as a real
+//! client's driver does on every new connection.
 //!
 //! Build a client on the nodes with [`RedlockBuilder::build_simulated`]; everything above
-//! the node (rounds, quorum, validity, fencing, write-back, seeding, hand-off) is the real
-//! client code.
+//! the node (rounds, quorum, validity, fencing, write-back, seeding, hand-off, extension,
+//! the watchdog) is the real client code. [`SimCluster::plant`] plants a known bug in the
+//! clients built on the cluster, or in its nodes, to show that a checker catches it.
 //!
 //! [`RedlockBuilder::build_simulated`]: crate::RedlockBuilder::build_simulated
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,27 +33,78 @@ use redis::Script;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::node::NodePolicy;
 use crate::scripts;
+
+/// A bug to plant, to show that a simulation's checker catches it. Each one undoes a fix
+/// (or a safeguard) of the client or of the scripts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Bug {
+    /// The fencing write-back round is skipped: tokens may repeat or go down.
+    NoFenceWriteBack,
+    /// A failed extension keeps the previous deadline even when it was a shortening whose
+    /// shorter TTL may have landed on the nodes.
+    ExtendKeepsLongerDeadline,
+    /// The nodes apply a seeding decided from a state they no longer have (no nonce check):
+    /// a late seeding lifts a newer quarantine.
+    StaleSeed,
+    /// The client takes locks with a TTL longer than its restart quarantine.
+    TtlAboveQuarantine,
+    /// A restart that kept part of the data goes unnoticed: no check on reconnect.
+    NoRestartDetection,
+    /// A [`LockHealth`](crate::LockHealth) keeps its last state after its watchdog stopped.
+    HealthNeverEnds,
+    /// The watchdog's first extension is at ttl/3 from its start, whatever the validity
+    /// left, and it reports at risk only after a failed extension.
+    WatchdogIgnoresValidity,
+    /// Validity leaves no allowance for clock drift.
+    NoDrift,
+    /// A node that restarted without its data votes again as soon as it is seeded.
+    NoQuarantine,
+}
+
+/// The bugs planted in a client or a cluster.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Planted(u32);
+
+impl Planted {
+    pub(crate) fn contains(self, bug: Bug) -> bool {
+        self.0 & (1 << bug as u32) != 0
+    }
+}
 
 /// A set of simulated nodes sharing one seeded source of randomness.
 #[derive(Debug, Clone)]
 pub struct SimCluster {
     nodes: Vec<Arc<SimNode>>,
+    planted: Arc<AtomicU32>,
 }
 
 impl SimCluster {
     /// `n` healthy nodes: no delay, no drops, clocks at rate 1. Random choices derive from
     /// `seed`.
     pub fn new(n: usize, seed: u64) -> Self {
+        let planted = Arc::new(AtomicU32::new(0));
         let nodes = (0..n)
             .map(|i| {
                 Arc::new(SimNode::new(
                     format!("sim-{i}"),
                     seed.wrapping_mul(31).wrapping_add(i as u64),
+                    planted.clone(),
                 ))
             })
             .collect();
-        SimCluster { nodes }
+        SimCluster { nodes, planted }
+    }
+
+    /// Plants `bug` in the nodes and in every client built on the cluster from now on.
+    pub fn plant(&self, bug: Bug) {
+        self.planted.fetch_or(1 << bug as u32, Ordering::SeqCst);
+    }
+
+    pub(crate) fn planted(&self) -> Planted {
+        Planted(self.planted.load(Ordering::SeqCst))
     }
 
     /// Node `i`.
@@ -72,6 +132,7 @@ pub struct SimNode {
     name: String,
     state: Mutex<State>,
     resumed: Notify,
+    planted: Arc<AtomicU32>,
 }
 
 impl fmt::Debug for SimNode {
@@ -82,6 +143,11 @@ impl fmt::Debug for SimNode {
 
 struct State {
     data: Data,
+    /// The server's run id: a new one at every restart.
+    run_id: u64,
+    /// Calls that arrived so far, and extra delays for given ones (by arrival number).
+    arrivals: u64,
+    stalls: Vec<(u64, Duration)>,
     paused: bool,
     drop_rate: f64,
     max_delay: Duration,
@@ -90,14 +156,39 @@ struct State {
 }
 
 /// Everything a restart without persistence loses.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Data {
     /// key -> (value, expiry on the node's clock in ms)
     locks: HashMap<String, (String, f64)>,
     counters: HashMap<String, i64>,
+    /// The node state `fencelock:node`, field by field.
     vote_after: Option<f64>,
     seeded: Option<bool>,
+    nonce: Option<String>,
+    boot: Option<u64>,
     ready: bool,
+}
+
+impl Data {
+    fn has_state(&self) -> bool {
+        self.vote_after.is_some()
+            || self.seeded.is_some()
+            || self.nonce.is_some()
+            || self.boot.is_some()
+    }
+}
+
+/// A copy of a node's data, to restore later: what an RDB snapshot is.
+#[derive(Clone)]
+pub struct Snapshot(Data);
+
+impl fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("locks", &self.0.locks.len())
+            .field("counters", &self.0.counters.len())
+            .finish()
+    }
 }
 
 /// The node's clock: real (tokio) time scaled by a rate, continuous across rate changes.
@@ -114,11 +205,15 @@ impl Clock {
 }
 
 impl SimNode {
-    fn new(name: String, seed: u64) -> Self {
+    fn new(name: String, seed: u64, planted: Arc<AtomicU32>) -> Self {
         SimNode {
             name,
+            planted,
             state: Mutex::new(State {
                 data: Data::default(),
+                run_id: 1,
+                arrivals: 0,
+                stalls: Vec::new(),
                 paused: false,
                 drop_rate: 0.0,
                 max_delay: Duration::ZERO,
@@ -153,9 +248,44 @@ impl SimNode {
         self.resumed.notify_waiters();
     }
 
+    fn planted(&self, bug: Bug) -> bool {
+        Planted(self.planted.load(Ordering::SeqCst)).contains(bug)
+    }
+
     /// A restart without persistence: every key, counter and the restart state are gone.
     pub fn wipe(&self) {
-        self.state().data = Data::default();
+        let mut state = self.state();
+        state.data = Data::default();
+        state.run_id += 1;
+    }
+
+    /// A copy of the node's data as it is now, for [`restore`](Self::restore).
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot(self.state().data.clone())
+    }
+
+    /// A restart that comes back with `snapshot` (an older copy of the data, as from an RDB
+    /// file or an AOF that lost its tail): what was written since is gone, and what was
+    /// deleted since is back. Keys keep their absolute expiry, as Redis's do.
+    pub fn restore(&self, snapshot: &Snapshot) {
+        let mut state = self.state();
+        state.data = snapshot.0.clone();
+        state.run_id += 1;
+    }
+
+    /// Holds the `k`-th call to arrive from now on (1 for the next one) in the network for
+    /// `delay` before the node gets it: one message that overtakes nothing but arrives
+    /// late, such as a seeding call queued behind a stall.
+    pub fn stall_call(&self, k: u64, delay: Duration) {
+        let mut state = self.state();
+        let at = state.arrivals + k;
+        state.stalls.push((at, delay));
+    }
+
+    /// Steps the node's clock by `ms` milliseconds (negative: backwards), as an NTP step
+    /// or an operator's `date` would: keys expire earlier or later than their TTL said.
+    pub fn step_clock(&self, ms: f64) {
+        self.state().clock.base_ms += ms;
     }
 
     /// The probability that a request, or its reply, is lost.
@@ -186,41 +316,25 @@ impl SimNode {
         live(&state.data, key, state.clock.now_ms()).map(str::to_owned)
     }
 
-    pub(crate) fn restart_state(&self) -> (Option<String>, Option<String>) {
-        let state = self.state();
-        (
-            state.data.vote_after.map(|v| (v as i64).to_string()),
-            state
-                .data
-                .seeded
-                .map(|s| if s { "1" } else { "0" }.to_owned()),
-        )
-    }
-
-    pub(crate) fn fence_counters(&self) -> Vec<(String, i64)> {
-        self.state()
-            .data
-            .counters
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect()
-    }
-
-    /// One script call: delay, maybe lose the request, wait while paused, run the script
+    /// One call from `conn`: delay, maybe lose the request, wait while paused, then (after
+    /// the reconnect check, if the node restarted since `conn` last saw it) run `op`
     /// atomically, maybe lose the reply, delay. A lost request or reply never answers; the
-    /// client's round deadline deals with it.
-    pub(crate) async fn eval(
-        &self,
-        script: &Script,
-        keys: &[String],
-        args: &[String],
-    ) -> Result<i64, redis::RedisError> {
+    /// caller's deadline deals with it.
+    async fn call<T>(&self, conn: &SimConn, op: impl FnOnce(&mut Data, f64) -> T) -> T {
         let (before, lose_request, lose_reply, after) = {
             let mut s = self.state();
             let max = s.max_delay.as_micros() as u64;
             let p = s.drop_rate;
+            s.arrivals += 1;
+            let arrival = s.arrivals;
+            let stall: Duration = s
+                .stalls
+                .iter()
+                .filter(|(at, _)| *at == arrival)
+                .map(|(_, d)| *d)
+                .sum();
             (
-                Duration::from_micros(s.rng.random_range(0..=max)),
+                Duration::from_micros(s.rng.random_range(0..=max)) + stall,
                 s.rng.random_bool(p),
                 s.rng.random_bool(p),
                 Duration::from_micros(s.rng.random_range(0..=max)),
@@ -240,7 +354,17 @@ impl SimNode {
         let reply = {
             let mut s = self.state();
             let now = s.clock.now_ms();
-            run(&mut s.data, now, script, keys, args)
+            let run_id = s.run_id;
+            let mut seen = conn.seen.lock().unwrap_or_else(|p| p.into_inner());
+            if *seen != Some(run_id) {
+                // A new connection: `verify.lua` runs before anything else on it.
+                *seen = Some(run_id);
+                if !self.planted(Bug::NoRestartDetection) {
+                    verify(&mut s.data, now, run_id, conn.quarantine_ms);
+                }
+            }
+            drop(seen);
+            op(&mut s.data, now)
         };
         if lose_reply {
             std::future::pending::<()>().await;
@@ -248,6 +372,92 @@ impl SimNode {
         tokio::time::sleep(after).await;
         reply
     }
+}
+
+/// One client's connection to a simulated node.
+pub(crate) struct SimConn {
+    node: Arc<SimNode>,
+    /// The run id of the node when this connection last reached it.
+    seen: Mutex<Option<u64>>,
+    quarantine_ms: u64,
+}
+
+impl SimConn {
+    pub(crate) fn new(node: Arc<SimNode>, policy: NodePolicy) -> Self {
+        let quarantine_ms = if node.planted(Bug::NoQuarantine) {
+            0
+        } else {
+            policy.quarantine_ms
+        };
+        SimConn {
+            node,
+            seen: Mutex::new(None),
+            quarantine_ms,
+        }
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.node.name
+    }
+
+    /// The model of `init.lua` followed by a read of the node state.
+    pub(crate) async fn restart_state(&self) -> crate::node::NodeState {
+        let quarantine_ms = self.quarantine_ms as f64;
+        self.node
+            .call(self, |data, now| {
+                if data.vote_after.is_none() {
+                    data.vote_after = Some(now + quarantine_ms);
+                    data.seeded = Some(false);
+                    data.nonce = Some(crate::client::new_value());
+                } else if data.nonce.is_none() {
+                    data.nonce = Some(crate::client::new_value());
+                }
+                crate::node::NodeState {
+                    seeded: data.seeded == Some(true),
+                    nonce: data.nonce.clone(),
+                }
+            })
+            .await
+    }
+
+    pub(crate) async fn fence_counters(&self) -> Vec<(String, i64)> {
+        self.node
+            .call(self, |data, _| {
+                data.counters.iter().map(|(k, v)| (k.clone(), *v)).collect()
+            })
+            .await
+    }
+
+    /// One script call.
+    pub(crate) async fn eval(
+        &self,
+        script: &Script,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<i64, redis::RedisError> {
+        let stale_seed = self.node.planted(Bug::StaleSeed);
+        self.node
+            .call(self, |data, now| {
+                run(data, now, script, keys, args, stale_seed)
+            })
+            .await
+    }
+}
+
+/// The model of `verify.lua`, run when a connection finds the node restarted.
+fn verify(data: &mut Data, now: f64, run_id: u64, quarantine_ms: u64) {
+    if data.boot == Some(run_id) {
+        return;
+    }
+    if !data.has_state() {
+        data.boot = Some(run_id);
+        return;
+    }
+    data.ready = false;
+    data.vote_after = Some(now + quarantine_ms as f64);
+    data.seeded = Some(false);
+    data.nonce = Some(crate::client::new_value());
+    data.boot = Some(run_id);
 }
 
 fn int(arg: &str) -> i64 {
@@ -305,6 +515,7 @@ fn run(
     script: &Script,
     keys: &[String],
     args: &[String],
+    stale_seed: bool,
 ) -> Result<i64, redis::RedisError> {
     let hash = script.get_hash();
     if hash == scripts::ACQUIRE.get_hash() {
@@ -318,6 +529,7 @@ fn run(
             let Some(vote_after) = data.vote_after else {
                 data.vote_after = Some(now + int(&args[2]) as f64);
                 data.seeded = Some(false);
+                data.nonce = Some(args[0].clone());
                 return Ok(-2);
             };
             if data.seeded != Some(true) {
@@ -382,7 +594,10 @@ fn run(
         }
         Ok(1)
     } else if hash == scripts::SEED.get_hash() {
-        for (k, v) in keys[1..].iter().zip(&args[2..]) {
+        if !stale_seed && data.nonce.as_deref() != Some(args[2].as_str()) {
+            return Ok(0);
+        }
+        for (k, v) in keys[1..].iter().zip(&args[3..]) {
             let c = data.counters.entry(k.clone()).or_insert(0);
             *c = (*c).max(int(v));
         }

@@ -13,6 +13,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::client::Redlock;
+use crate::clock;
 use crate::error::{Error, ErrorKind, LostReason};
 use crate::guard::LockGuard;
 
@@ -22,12 +23,14 @@ use crate::guard::LockGuard;
 pub enum LockState {
     /// Extensions succeed; the lock is safe.
     Held,
-    /// An extension failed and the remaining validity fell below the at-risk threshold:
-    /// finish or checkpoint now. Fires before validity runs out. The watchdog keeps trying,
-    /// and the state goes back to `Held` if an extension gets through.
+    /// The remaining validity fell below the at-risk threshold and no extension has renewed
+    /// it yet (one failed, or a limit stops them): finish or checkpoint now. Fires before
+    /// validity runs out. The watchdog keeps trying, and the state goes back to `Held` if
+    /// an extension gets through.
     AtRisk,
-    /// The lock is gone: validity ran out, a quorum no longer holds our value, or a limit
-    /// of the watchdog was reached and the lock then expired.
+    /// The lock is gone: validity ran out, a quorum no longer holds our value, a limit of
+    /// the watchdog was reached and the lock then expired, or the watchdog stopped
+    /// ([`LostReason::Stopped`]). Terminal: a handle never leaves it.
     Lost(LostReason),
 }
 
@@ -37,12 +40,22 @@ pub enum LockState {
 pub struct LockHealth {
     rx: watch::Receiver<LockState>,
     token: Option<u64>,
+    /// A simulation planted the bug of a handle that keeps its last state forever.
+    never_ends: bool,
 }
 
 impl LockHealth {
-    /// The state now.
+    /// The state now. Once the watchdog has stopped, however it stopped (its task ended,
+    /// or the runtime that ran it shut down), this is a [`Lost`](LockState::Lost) state.
     pub fn state(&self) -> LockState {
-        *self.rx.borrow()
+        let state = *self.rx.borrow();
+        if matches!(state, LockState::Lost(_)) || self.rx.has_changed().is_ok() {
+            return state;
+        }
+        if self.never_ends {
+            return state;
+        }
+        LockState::Lost(LostReason::Stopped)
     }
 
     /// Whether the lock is lost.
@@ -64,8 +77,8 @@ impl LockHealth {
         let mut rx = self.rx.clone();
         match rx.wait_for(|s| *s != LockState::Held).await {
             Ok(s) => *s,
-            // The watchdog is gone, and with it the lock.
-            Err(_) => LockState::Lost(LostReason::Expired),
+            // The watchdog is gone, and with it any claim on the lock.
+            Err(_) => self.state(),
         }
     }
 
@@ -81,7 +94,10 @@ impl LockHealth {
                 LockState::Lost(reason) => reason,
                 _ => LostReason::Expired,
             },
-            Err(_) => LostReason::Expired,
+            Err(_) => match self.state() {
+                LockState::Lost(reason) => reason,
+                _ => LostReason::Stopped,
+            },
         }
     }
 }
@@ -125,10 +141,12 @@ impl WatchdogConfig {
         self
     }
 
-    /// At risk once an extension failed and validity is below this fraction of the TTL
-    /// (default 1/3). Clamped to `(0, 1)`.
+    /// At risk once validity is below this fraction of the TTL and no extension has
+    /// renewed it (default 1/3). Clamped to `[0.01, 0.6]`: the watchdog extends once
+    /// validity is down to 2/3 of the TTL, and a threshold above that would report every
+    /// routine extension as a risk.
     pub fn at_risk_fraction(mut self, fraction: f64) -> Self {
-        self.at_risk_fraction = fraction.clamp(0.01, 0.99);
+        self.at_risk_fraction = fraction.clamp(0.01, 0.6);
         self
     }
 
@@ -162,11 +180,26 @@ impl AutoExtend {
     pub(crate) fn start(guard: LockGuard, config: WatchdogConfig) -> Self {
         let (tx, rx) = watch::channel(LockState::Held);
         let (stop_tx, stop_rx) = oneshot::channel();
+        let never_ends = planted!(guard.client(), HealthNeverEnds);
         let health = LockHealth {
             rx,
             token: guard.fencing_token(),
+            never_ends,
         };
-        let task = tokio::spawn(watch_lock(guard, config, tx, stop_rx));
+        let task = tokio::spawn(async move {
+            let guard = watch_lock(guard, config, &tx, stop_rx).await;
+            // Whatever happens to the guard now, this watchdog no longer vouches for it.
+            if !never_ends {
+                tx.send_if_modified(|s| {
+                    let ends = !matches!(s, LockState::Lost(_));
+                    if ends {
+                        *s = LockState::Lost(LostReason::Stopped);
+                    }
+                    ends
+                });
+            }
+            guard
+        });
         AutoExtend {
             health,
             stop: Some(stop_tx),
@@ -201,25 +234,40 @@ impl Drop for AutoExtend {
     }
 }
 
+/// When to extend next: once the validity left is down to 2/3 of the TTL, so that two
+/// more tries fit before it runs out. Counted from the validity the guard has, not from
+/// now: a guard handed over with little validity left is extended at once.
+fn next_extension(guard: &LockGuard, ttl: Duration) -> Instant {
+    if planted!(guard.client(), WatchdogIgnoresValidity) {
+        return clock::after(Instant::now(), ttl / 3);
+    }
+    clock::after(
+        Instant::now(),
+        guard.validity().saturating_sub(ttl - ttl / 3),
+    )
+}
+
 async fn watch_lock(
     mut guard: LockGuard,
     config: WatchdogConfig,
-    state: watch::Sender<LockState>,
+    state: &watch::Sender<LockState>,
     mut stop: oneshot::Receiver<()>,
 ) -> LockGuard {
     let ttl = guard.ttl();
-    let hold_until = Instant::now() + config.max_hold;
+    let hold_until = clock::after(Instant::now(), config.max_hold);
     let at_risk_below = ttl.mul_f64(config.at_risk_fraction);
     let mut extensions = 0u32;
-    let mut next = Instant::now() + ttl / 3;
+    let mut next = next_extension(&guard, ttl);
     let mut failing = false;
+    let ignores_validity = planted!(guard.client(), WatchdogIgnoresValidity);
     // Set once a limit stops the extensions; the lock then runs out its validity.
     let mut limit: Option<LostReason> = None;
     loop {
         // Wake for the next extension, or while failing or limited, often enough to report
         // at-risk and loss on time; a stop request wins at any point.
         let wake = if failing || limit.is_some() {
-            (Instant::now() + (ttl / 20).max(Duration::from_millis(5))).min(guard.deadline())
+            clock::after(Instant::now(), (ttl / 20).max(Duration::from_millis(5)))
+                .min(guard.deadline())
         } else {
             next
         };
@@ -239,17 +287,19 @@ async fn watch_lock(
         if limit.is_none() && extend_to <= guard.validity() {
             limit = Some(LostReason::HoldLimit);
         }
+        // Below the threshold with nothing renewed yet: say so before trying, since the
+        // try itself may take the rest of the validity.
+        if (limit.is_some() || !ignores_validity) && guard.validity() < at_risk_below {
+            state.send_if_modified(|s| replace(s, LockState::AtRisk));
+        }
         if limit.is_some() {
-            if guard.validity() < at_risk_below {
-                state.send_if_modified(|s| replace(s, LockState::AtRisk));
-            }
             continue;
         }
         match guard.extend(extend_to).await {
             Ok(()) => {
                 extensions += 1;
                 failing = false;
-                next = Instant::now() + ttl / 3;
+                next = next_extension(&guard, ttl);
                 if extend_to < ttl {
                     // Cut short by the hold limit: this was the last extension.
                     limit = Some(LostReason::HoldLimit);

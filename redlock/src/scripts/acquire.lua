@@ -6,7 +6,9 @@
 -- Restart awareness: a node votes only once it is seeded (its fence counters copied from
 -- the others, or the cluster is new) and its quarantine has passed. The node key records
 -- both; a restart without persistence loses it, so the node finds out by itself and every
--- client agrees without talking to the others.
+-- client agrees without talking to the others. A restart that kept part of the data is
+-- found by `verify.lua`, which every client runs on every new connection first, and which
+-- puts the node back into this state.
 --
 -- With fencing, each resource has a counter; the acquisition's token is one more than the
 -- largest counter among its resources, and every counter is set to it plus the tokens
@@ -45,7 +47,9 @@ if not ready_checked and redis.call('EXISTS', ready) == 0 then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   if not state[1] then
-    redis.call('HSET', node, 'vote_after', now + tonumber(ARGV[3]), 'seeded', 0)
+    -- This acquisition's value is unique, so it also names this life of the node's state:
+    -- a seeding decided from another life is refused (see `seed.lua`).
+    redis.call('HSET', node, 'vote_after', now + tonumber(ARGV[3]), 'seeded', 0, 'nonce', ARGV[1])
     return -2
   end
   if state[2] ~= '1' then
