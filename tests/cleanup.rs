@@ -48,7 +48,7 @@ async fn dropped_lock_future_leaves_no_key() {
     cluster.pause(2).await;
     let in_flight = {
         let locks = locks.clone();
-        tokio::spawn(async move { locks.lock("cleanup:future", Duration::from_secs(60)).await })
+        tokio::spawn(async move { locks.lock("cleanup:future", Duration::from_secs(30)).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(

@@ -117,6 +117,7 @@ async fn tokens_increase_and_holders_never_overlap_under_chaos() {
         .map(|t| {
             let locks = clients[t % clients.len()].clone();
             let (history, failed_calls) = (history.clone(), failed_calls.clone());
+            let mut rng = SmallRng::seed_from_u64(seed.wrapping_add(t as u64 + 1));
             tokio::spawn(async move {
                 while (history.lock().await.len() < ACQUISITIONS
                     || started.elapsed() < MIN_DURATION)
@@ -131,7 +132,10 @@ async fn tokens_increase_and_holders_never_overlap_under_chaos() {
                     };
                     let acquired = Instant::now();
                     let token = guard.fencing_token().expect("fencing is on");
-                    tokio::task::yield_now().await;
+                    // Hold it for a while, as real work would, so that an overlap with
+                    // another holder has time to show.
+                    let work = Duration::from_micros(rng.random_range(500..4_000));
+                    tokio::time::sleep(work.min(guard.validity() / 2)).await;
                     let released = Instant::now();
                     // The holding window must lie within the lock's validity.
                     assert!(released < guard.valid_until(), "held past validity");

@@ -68,14 +68,15 @@ async fn a_failed_shortening_extend_still_shortens_the_guard() {
     assert!(caught.is_err(), "the planted bug went unnoticed");
 }
 
-/// Hole 2: client C1 decides to initialise a new cluster and its seeding call to node 2
+/// Hole 2: client C1 decides to initialise a new cluster and its call opening node 2
 /// arrives late; meanwhile C0 seeds node 2 properly, A locks on nodes 0 and 2, and node 2
 /// restarts empty. C1's late call must not make node 2 vote at once.
 async fn late_seeding(bug: Option<Bug>) -> Result<(), String> {
     let cluster = planted(3, 2, bug);
     let start = Instant::now();
-    // C1's second call to node 2 (its seeding, after its state read) arrives 12 s late.
-    cluster.node(2).stall_call(2, Duration::from_secs(12));
+    // C1's third call to node 2 (opening it, after its state read and its claim for the
+    // new cluster) arrives 12 s late.
+    cluster.node(2).stall_call(3, Duration::from_secs(12));
     let c1 = {
         let cluster = cluster.clone();
         tokio::spawn(async move { client(&cluster, QUARANTINE).await })
@@ -110,6 +111,48 @@ async fn late_seeding(bug: Option<Bug>) -> Result<(), String> {
 async fn a_late_seeding_cannot_lift_a_newer_quarantine() {
     late_seeding(None).await.unwrap();
     let caught = late_seeding(Some(Bug::StaleSeed)).await;
+    assert!(caught.is_err(), "the planted bug went unnoticed");
+}
+
+/// Found by the simulation after hole 2 was closed: C0 and C1 start on a new cluster at
+/// once and both read every node unseeded, but C1's read of node 2 arrives late, after C0
+/// opened the cluster, A locked on nodes 0 and 2, and node 2 restarted empty. C1's
+/// decision ("a new cluster") rests on reads that went stale, and must open nothing.
+async fn stale_new_cluster(bug: Option<Bug>) -> Result<(), String> {
+    let cluster = planted(3, 9, bug);
+    // Node 2's second call, C1's state read, arrives a second late.
+    cluster.node(2).stall_call(2, Duration::from_secs(1));
+    let builds: Vec<_> = (0..2)
+        .map(|_| {
+            let cluster = cluster.clone();
+            tokio::spawn(async move { client(&cluster, QUARANTINE).await })
+        })
+        .collect();
+    let mut builds = builds.into_iter();
+    let c0 = builds.next().unwrap().await.unwrap();
+    cluster.node(1).set_drop_rate(1.0);
+    let held = c0.lock("r", QUARANTINE).await.unwrap();
+    cluster.node(1).set_drop_rate(0.0);
+    sleep(Duration::from_millis(500)).await;
+    cluster.node(2).wipe();
+    let c1 = builds.next().unwrap().await.unwrap();
+    let second = c1.try_lock("r", Duration::from_secs(5)).await;
+    if let Ok(b) = &second {
+        return Err(format!(
+            "two holders: A valid for {:?} with token {:?}, B with token {:?}",
+            held.validity(),
+            held.fencing_token(),
+            b.fencing_token()
+        ));
+    }
+    assert!(held.is_valid());
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_cluster_decided_from_stale_reads_opens_nothing() {
+    stale_new_cluster(None).await.unwrap();
+    let caught = stale_new_cluster(Some(Bug::StaleSeed)).await;
     assert!(caught.is_err(), "the planted bug went unnoticed");
 }
 
@@ -315,6 +358,70 @@ async fn late_watchdog(bug: Option<Bug>) -> Result<(), String> {
 async fn a_watchdog_started_late_extends_at_once_and_warns_before_expiry() {
     late_watchdog(None).await.unwrap();
     let caught = late_watchdog(Some(Bug::WatchdogIgnoresValidity)).await;
+    assert!(caught.is_err(), "the planted bug went unnoticed");
+}
+
+/// The drift allowance: every node's clock runs 0.99 % fast, within the 1 % drift factor,
+/// so keys expire a little before the TTL the holder counts. B locks as soon as they do; A
+/// must not be claiming validity then.
+async fn fast_node_clocks(bug: Option<Bug>) -> Result<(), String> {
+    let cluster = planted(3, 10, bug);
+    for i in 0..3 {
+        cluster.node(i).set_clock_rate(1.0099);
+    }
+    let a = client(&cluster, QUARANTINE).await;
+    let b = client(&cluster, QUARANTINE).await;
+    let held = a.lock("r", QUARANTINE).await.unwrap();
+    loop {
+        sleep(Duration::from_millis(1)).await;
+        if let Ok(second) = b.try_lock("r", Duration::from_secs(1)).await {
+            if held.is_valid() {
+                return Err(format!(
+                    "B holds the lock while A's guard claims {:?} of validity",
+                    held.validity()
+                ));
+            }
+            second.release().await.unwrap();
+            return Ok(());
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_drift_allowance_covers_node_clocks_that_run_fast() {
+    fast_node_clocks(None).await.unwrap();
+    let caught = fast_node_clocks(Some(Bug::NoDrift)).await;
+    assert!(caught.is_err(), "the planted bug went unnoticed");
+}
+
+/// Without a quarantine, a node that restarted empty votes B in at once while A's lock,
+/// granted by that node, is still valid.
+async fn restart_without_quarantine(bug: Option<Bug>) -> Result<(), String> {
+    let cluster = planted(3, 11, bug);
+    let a = client(&cluster, QUARANTINE).await;
+    let b = client(&cluster, QUARANTINE).await;
+    cluster.node(1).set_drop_rate(1.0);
+    let held = a.lock("r", QUARANTINE).await.unwrap();
+    cluster.node(1).set_drop_rate(0.0);
+    cluster.node(2).wipe();
+    // The first try finds node 2 empty and has it seeded; the second comes after.
+    for _ in 0..2 {
+        if let Ok(second) = b.try_lock("r", Duration::from_secs(1)).await {
+            return Err(format!(
+                "two holders: A valid for {:?}, B with token {:?}",
+                held.validity(),
+                second.fencing_token()
+            ));
+        }
+        sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_restarted_empty_sits_out_its_quarantine() {
+    restart_without_quarantine(None).await.unwrap();
+    let caught = restart_without_quarantine(Some(Bug::NoQuarantine)).await;
     assert!(caught.is_err(), "the planted bug went unnoticed");
 }
 

@@ -25,12 +25,13 @@ async fn client(cluster: &Cluster, quarantine: Duration) -> Redlock {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_restarted_empty_does_not_let_a_second_holder_in() {
     let cluster = Cluster::start(5).await;
-    let quarantine = Duration::from_secs(3);
+    // Long enough for the restart below; the TTL may not exceed it.
+    let quarantine = Duration::from_secs(8);
     let a = client(&cluster, quarantine).await;
     // A holds the lock on exactly nodes 0, 1 and 2.
     cluster.pause(3).await;
     cluster.pause(4).await;
-    let held = a.lock("restart:r", Duration::from_secs(20)).await.unwrap();
+    let held = a.lock("restart:r", quarantine).await.unwrap();
     let token = held.fencing_token().unwrap();
     cluster.unpause(3).await;
     cluster.unpause(4).await;
@@ -126,5 +127,115 @@ async fn node_with_aof_keeps_its_state_and_needs_no_quarantine() {
     guard.unwrap().release().await.unwrap();
     cluster.start_again(0).await;
     cluster.assert_no_keys().await;
+    cluster.teardown().await;
+}
+
+/// A node restored from an older RDB snapshot keeps its `ready` marker but not A's key: it
+/// is found restarted by its run_id on the first new connection, and sits out its
+/// quarantine instead of voting B in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_restored_from_an_rdb_snapshot_does_not_let_a_second_holder_in() {
+    let cluster = Cluster::start(3).await;
+    let quarantine = Duration::from_secs(30);
+    let a = client(&cluster, quarantine).await;
+    // The snapshot: node 2 ready and verified, knowing nothing of A's lock.
+    let mut c2 = cluster.conn(2).await;
+    let _: () = redis::cmd("SAVE").query_async(&mut c2).await.unwrap();
+    // A holds the lock on exactly nodes 0 and 2.
+    cluster.pause(1).await;
+    let held = a.lock("rdb:r", Duration::from_secs(30)).await.unwrap();
+    cluster.unpause(1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _: () = cluster.conn(1).await.del("rdb:r").await.unwrap();
+    // Node 2 restarts and loads the snapshot.
+    cluster.stop(2).await;
+    cluster.start_again(2).await;
+    let mut c2 = cluster.conn(2).await;
+    let ready: bool = c2.exists("fencelock:node:ready").await.unwrap();
+    let key: bool = c2.exists("rdb:r").await.unwrap();
+    assert!(
+        ready && !key,
+        "the snapshot has the ready marker and not A's key"
+    );
+
+    let b = client(&cluster, quarantine).await;
+    let second = b.try_lock("rdb:r", Duration::from_secs(5)).await;
+    if let Ok(g) = &second {
+        panic!(
+            "two holders: A valid for {:?}, B with token {:?}",
+            held.validity(),
+            g.fencing_token()
+        );
+    }
+    assert!(held.is_valid());
+    let state: (Option<String>, Option<String>) = redis::cmd("HMGET")
+        .arg("fencelock:node")
+        .arg("seeded")
+        .arg("boot")
+        .query_async(&mut c2)
+        .await
+        .unwrap();
+    let run_id: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async::<String>(&mut c2)
+        .await
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert_eq!(
+        state.1.as_deref(),
+        Some(run_id.as_str()),
+        "verified under the new run"
+    );
+    assert_eq!(
+        state.0.as_deref(),
+        Some("1"),
+        "re-seeded from nodes 0 and 1"
+    );
+    drop(second);
+    held.release().await.unwrap_err();
+    cluster.teardown().await;
+}
+
+/// Eviction loses keys with no restart at all: a node whose `maxmemory-policy` may evict
+/// is refused by name, unless the client explicitly accepts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_may_evict_keys_is_refused_unless_allowed() {
+    let cluster = Cluster::start(3).await;
+    let mut c1 = cluster.conn(1).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("allkeys-lru")
+        .query_async(&mut c1)
+        .await
+        .unwrap();
+    let err = Redlock::builder()
+        .nodes(cluster.urls())
+        .build()
+        .await
+        .expect_err("an evicting node");
+    assert_eq!(err.kind(), ErrorKind::Config);
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("invalid `nodes[1]`") && msg.contains("maxmemory-policy is `allkeys-lru`"),
+        "{msg}"
+    );
+    let allowed = Redlock::builder()
+        .nodes(cluster.urls())
+        .allow_eviction(true)
+        .build()
+        .await
+        .unwrap();
+    allowed
+        .lock("evict:r", Duration::from_secs(1))
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
     cluster.teardown().await;
 }

@@ -14,7 +14,9 @@
 //! after it restarted again. Each call therefore carries the `nonce` of the node state it
 //! was decided from, and `seed.lua` refuses it once that state is gone: a stale decision
 //! never lifts a newer quarantine. A node read without any state first gets one (in
-//! quarantine, unseeded), so that there is a nonce to carry.
+//! quarantine, unseeded), so that there is a nonce to carry. Opening a new cluster takes
+//! two steps (`genesis.lua`), so that reads that went stale before the decision was
+//! applied cannot open a node either.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -23,7 +25,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 
 use crate::client::Redlock;
-use crate::node::{Node, ToRedisArgsDyn};
+use crate::node::{Node, NodeState, ToRedisArgsDyn};
 use crate::scripts;
 
 /// Seeding reads every counter of a node; it gets more time than a lock round.
@@ -61,22 +63,22 @@ impl Redlock {
         for (node, state) in nodes.iter().zip(states) {
             match state {
                 Ok(state) if state.seeded => seeded.push(node),
-                Ok(state) => unseeded.push((node, state.nonce)),
+                Ok(NodeState {
+                    nonce: Some(nonce), ..
+                }) => unseeded.push((node, nonce)),
+                // `init.lua` gives every state a nonce; only a concurrent restart can hide it.
+                Ok(_) => tracing::debug!(node = node.addr(), "node state has no nonce yet"),
                 Err(failure) => tracing::debug!(%failure, "node state unknown; not seeding it now"),
             }
         }
         if unseeded.is_empty() {
             return false;
         }
-        let genesis = seeded.is_empty() && unseeded.len() >= quorum;
+        if seeded.is_empty() && unseeded.len() >= quorum {
+            return self.open_new_cluster(&unseeded).await;
+        }
         let all_answered = seeded.len() + unseeded.len() == nodes.len();
-        let counters = if genesis {
-            tracing::info!(
-                nodes = unseeded.len(),
-                "new cluster: marking its nodes seeded"
-            );
-            HashMap::new()
-        } else if seeded.len() >= quorum {
+        let counters = if seeded.len() >= quorum {
             match read_counters(&seeded, quorum).await {
                 Some(counters) => counters,
                 None => return false,
@@ -103,7 +105,6 @@ impl Redlock {
             );
             return false;
         };
-        let genesis_arg = u8::from(genesis);
         let mut keys: Vec<String> = vec![scripts::NODE_KEY.to_owned()];
         let mut values: Vec<i64> = Vec::with_capacity(counters.len());
         for (k, v) in counters {
@@ -112,17 +113,7 @@ impl Redlock {
         }
         let mut any = false;
         for (node, nonce) in unseeded {
-            // A state without a nonce was made by an older client; the next read gives it
-            // one through `init.lua` only if it has none at all, so this one waits for its
-            // quarantine-free path: a verify on reconnect.
-            let Some(nonce) = nonce else {
-                tracing::warn!(
-                    node = node.addr(),
-                    "node state has no nonce; not seeding it"
-                );
-                continue;
-            };
-            let mut args: Vec<&dyn ToRedisArgsDyn> = vec![&genesis_arg, &quarantine_ms, &nonce];
+            let mut args: Vec<&dyn ToRedisArgsDyn> = vec![&quarantine_ms, &nonce];
             args.extend(values.iter().map(|v| v as &dyn ToRedisArgsDyn));
             let seed = node.eval(&scripts::SEED, &keys, &args, None);
             match tokio::time::timeout(SEED_TIMEOUT, seed).await {
@@ -135,7 +126,6 @@ impl Redlock {
                     tracing::info!(
                         node = node.addr(),
                         counters = keys.len() - 1,
-                        genesis,
                         "seeded a node that came up empty"
                     );
                 }
@@ -144,6 +134,46 @@ impl Redlock {
             }
         }
         any
+    }
+
+    /// Opens a new cluster (a quorum read unseeded, none seeded) without a quarantine, by
+    /// `genesis.lua`'s two steps: claim every node read for this decision, and open them
+    /// only if a quorum was claimed. The reads may be stale by then (another client opened
+    /// the cluster, a node restarted since): a node that changed refuses the claim, so a
+    /// stale decision claims no quorum and opens nothing.
+    async fn open_new_cluster(&self, unseeded: &[(&Node, String)]) -> bool {
+        let decision = crate::client::new_value();
+        let step = |step: &'static str, nodes: Vec<&(&Node, String)>| {
+            join_all(nodes.into_iter().map(|(node, nonce)| {
+                let call = node.eval(
+                    &scripts::GENESIS,
+                    &[scripts::NODE_KEY.to_owned()],
+                    &[&step, nonce, &decision],
+                    None,
+                );
+                async move { matches!(tokio::time::timeout(SEED_TIMEOUT, call).await, Ok(Ok(1))) }
+            }))
+        };
+        let claimed: Vec<&(&Node, String)> = unseeded
+            .iter()
+            .zip(step("claim", unseeded.iter().collect()).await)
+            .filter_map(|(node, claimed)| claimed.then_some(node))
+            .collect();
+        let claims = claimed.len();
+        if claims < self.quorum() {
+            tracing::info!(
+                claims,
+                "not opening a new cluster: its nodes changed since they were read (another client opened it, or one restarted); seeding them as usual instead"
+            );
+            return false;
+        }
+        let opened = step("open", claimed)
+            .await
+            .into_iter()
+            .filter(|o| *o)
+            .count();
+        tracing::info!(nodes = opened, "new cluster: its nodes are open");
+        opened > 0
     }
 
     /// Seeds in the background, for an acquisition that succeeded without the empty nodes.

@@ -19,6 +19,7 @@ pub(crate) static FENCE: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES
 pub(crate) static SEED: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[5]));
 pub(crate) static INIT: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[6]));
 pub(crate) static VERIFY: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[7]));
+pub(crate) static GENESIS: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[8]));
 
 /// Every other script as a function of one script, which runs a batch of them in one
 /// EVALSHA: a node's driver sends everything queued for the node as one command.
@@ -48,7 +49,7 @@ fn batch_source() -> String {
 const PRELUDE: &str = "local ready_checked = false\n";
 
 /// The scripts' sources, in the order of [`all`].
-const SOURCES: [&str; 8] = [
+const SOURCES: [&str; 9] = [
     include_str!("scripts/acquire.lua"),
     include_str!("scripts/release.lua"),
     include_str!("scripts/extend.lua"),
@@ -57,6 +58,7 @@ const SOURCES: [&str; 8] = [
     include_str!("scripts/seed.lua"),
     include_str!("scripts/init.lua"),
     include_str!("scripts/verify.lua"),
+    include_str!("scripts/genesis.lua"),
 ];
 
 /// The number [`BATCH`] knows `script` by.
@@ -86,15 +88,15 @@ pub(crate) fn fence_key(resource: &str) -> String {
 }
 
 /// Every script but [`BATCH`], in the order [`BATCH`] numbers them.
-pub(crate) fn all() -> [&'static Script; 8] {
+pub(crate) fn all() -> [&'static Script; 9] {
     [
-        &ACQUIRE, &RELEASE, &EXTEND, &HANDOFF, &FENCE, &SEED, &INIT, &VERIFY,
+        &ACQUIRE, &RELEASE, &EXTEND, &HANDOFF, &FENCE, &SEED, &INIT, &VERIFY, &GENESIS,
     ]
 }
 
 /// Every script, for loading when a connection opens.
-pub(crate) fn to_load() -> [&'static Script; 9] {
+pub(crate) fn to_load() -> [&'static Script; 10] {
     [
-        &ACQUIRE, &RELEASE, &EXTEND, &HANDOFF, &FENCE, &SEED, &INIT, &VERIFY, &BATCH,
+        &ACQUIRE, &RELEASE, &EXTEND, &HANDOFF, &FENCE, &SEED, &INIT, &VERIFY, &GENESIS, &BATCH,
     ]
 }

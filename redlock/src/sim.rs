@@ -166,6 +166,8 @@ struct Data {
     seeded: Option<bool>,
     nonce: Option<String>,
     boot: Option<u64>,
+    /// The genesis decision that claimed this state, if any.
+    genesis: Option<String>,
     ready: bool,
 }
 
@@ -454,6 +456,7 @@ fn verify(data: &mut Data, now: f64, run_id: u64, quarantine_ms: u64) {
         return;
     }
     data.ready = false;
+    data.genesis = None;
     data.vote_after = Some(now + quarantine_ms as f64);
     data.seeded = Some(false);
     data.nonce = Some(crate::client::new_value());
@@ -594,20 +597,35 @@ fn run(
         }
         Ok(1)
     } else if hash == scripts::SEED.get_hash() {
-        if !stale_seed && data.nonce.as_deref() != Some(args[2].as_str()) {
+        if !stale_seed && data.nonce.as_deref() != Some(args[1].as_str()) {
             return Ok(0);
         }
-        for (k, v) in keys[1..].iter().zip(&args[3..]) {
+        for (k, v) in keys[1..].iter().zip(&args[2..]) {
             let c = data.counters.entry(k.clone()).or_insert(0);
             *c = (*c).max(int(v));
         }
-        if args[0] == "1" {
-            data.vote_after = Some(0.0);
-            data.ready = true;
-        } else if data.vote_after.is_none() {
-            data.vote_after = Some(now + int(&args[1]) as f64);
+        if data.vote_after.is_none() {
+            data.vote_after = Some(now + int(&args[0]) as f64);
         }
         data.seeded = Some(true);
+        Ok(1)
+    } else if hash == scripts::GENESIS.get_hash() {
+        if !stale_seed && data.nonce.as_deref() != Some(args[1].as_str()) {
+            return Ok(0);
+        }
+        if args[0] == "claim" {
+            if !stale_seed && (data.seeded == Some(true) || data.genesis.is_some()) {
+                return Ok(0);
+            }
+            data.genesis = Some(args[2].clone());
+            return Ok(1);
+        }
+        if !stale_seed && data.genesis.as_deref() != Some(args[2].as_str()) {
+            return Ok(0);
+        }
+        data.vote_after = Some(0.0);
+        data.seeded = Some(true);
+        data.ready = true;
         Ok(1)
     } else {
         Err(redis::RedisError::from((

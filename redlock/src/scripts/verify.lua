@@ -27,6 +27,7 @@ if redis.call('EXISTS', node) == 0 or ARGV[2] == '1' then
   return 1
 end
 redis.call('DEL', node .. ':ready')
+redis.call('HDEL', node, 'genesis')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', node, 'vote_after', now + tonumber(ARGV[3]), 'seeded', 0, 'nonce', ARGV[4], 'boot', ARGV[1])
