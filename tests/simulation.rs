@@ -472,7 +472,7 @@ fn run(seed: u64, mode: Mode) -> Result<(Vec<Holding>, Faults), String> {
 /// write, and tokens strictly increase.
 fn check(history: &[Holding]) -> Vec<String> {
     let mut violations = Vec::new();
-    for resource in 0..RESOURCES.len() {
+    for (resource, name) in RESOURCES.iter().enumerate() {
         let mut held: Vec<Holding> = history
             .iter()
             .copied()
@@ -495,8 +495,8 @@ fn check(history: &[Holding]) -> Vec<String> {
                 && h.acquired < l.last_write
             {
                 violations.push(format!(
-                    "{}: two holders: token {:?} wrote {:?}..{:?}, token {:?} from {:?}",
-                    RESOURCES[resource], l.token, l.acquired, l.last_write, h.token, h.acquired
+                    "{name}: two holders: token {:?} wrote {:?}..{:?}, token {:?} from {:?}",
+                    l.token, l.acquired, l.last_write, h.token, h.acquired
                 ));
             }
             if latest.is_none_or(|l| h.last_write > l.last_write) {
