@@ -588,12 +588,8 @@ impl Link {
             .get_multiplexed_async_connection_with_config(&self.config)
             .await?;
         load_scripts(&mut conn).await?;
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .arg("memory")
-            .arg("persistence")
-            .query_async(&mut conn)
-            .await?;
+        // The default sections hold all three fields; naming several sections needs 7.0.
+        let info: String = redis::cmd("INFO").query_async(&mut conn).await?;
         let field = |name: &str| {
             info.lines()
                 .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
@@ -613,19 +609,18 @@ impl Link {
             )));
         }
         let aof = field("aof_enabled") == Some("1");
-        let settings: Option<std::collections::HashMap<String, String>> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("appendfsync")
-            .arg("save")
-            .query_async(&mut conn)
-            .await
-            .ok();
-        let setting = |name: &str| {
-            settings
-                .as_ref()
-                .and_then(|s| s.get(name))
-                .map(String::as_str)
-        };
+        // One setting per CONFIG GET: several in one needs 7.0. A node that hides CONFIG
+        // (renamed or disabled, as managed services do) is taken as lossy.
+        let mut settings = std::collections::HashMap::new();
+        for name in ["appendfsync", "save"] {
+            let got: Result<std::collections::HashMap<String, String>, _> = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg(name)
+                .query_async(&mut conn)
+                .await;
+            settings.extend(got.into_iter().flatten());
+        }
+        let setting = |name: &str| settings.get(name).map(String::as_str);
         let durable = aof && setting("appendfsync") == Some("always");
         let snapshots = setting("save").is_none_or(|s| !s.trim().is_empty());
         if !durable && (aof || snapshots) && !self.warned {

@@ -74,11 +74,21 @@ impl Redlock {
         if unseeded.is_empty() {
             return false;
         }
-        if seeded.is_empty() && unseeded.len() >= quorum {
+        let all_answered = seeded.len() + unseeded.len() == nodes.len();
+        if seeded.is_empty() && unseeded.len() >= quorum && all_answered {
             return self.open_new_cluster(&unseeded).await;
         }
-        let all_answered = seeded.len() + unseeded.len() == nodes.len();
-        let counters = if seeded.len() >= quorum {
+        let counters = if seeded.is_empty() && unseeded.len() >= quorum {
+            // A new cluster with nodes down, or a majority that lost its data while the
+            // others are out of reach: the two look alike from here. Seed with what there
+            // is (nothing) and keep the quarantine, which is only slow if the cluster is new.
+            tracing::warn!(
+                unseeded = unseeded.len(),
+                unanswered = nodes.len() - unseeded.len(),
+                "a quorum of lock nodes has no state and the others do not answer: a new cluster with nodes down, or a majority that lost its data; they vote after their quarantine, and fencing tokens may start again"
+            );
+            HashMap::new()
+        } else if seeded.len() >= quorum {
             match read_counters(&seeded, quorum).await {
                 Some(counters) => counters,
                 None => return false,
