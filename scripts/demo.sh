@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Runs the examples against three real Redis nodes on 127.0.0.1:7001-7003.
+# The product working, in one command: the lock crate's examples against three real Redis
+# nodes on 127.0.0.1:7001-7003, then the job runner's payment demo (scripts/runner-demo.sh).
 #
-#   scripts/demo.sh                # every example
-#   scripts/demo.sh payment        # one of: basic try_lock multi_resource payment fencing_sql auto_extend
+#   scripts/demo.sh                # every example, then the runner demo
+#   scripts/demo.sh payment        # one example only, of: basic try_lock multi_resource
+#                                  # payment fencing_sql auto_extend
 #
 # Builds the redis:7.0 image when it is missing, starts the nodes as containers on the
 # host's network, and removes them afterwards (also on failure or Ctrl-C).
@@ -31,3 +33,10 @@ for ex in "${examples[@]}"; do
   echo "== example: $ex"
   cargo run -q --example "$ex"
 done
+if [ $# -eq 0 ]; then
+  # The runner demo starts its own nodes on the same ports.
+  cleanup
+  ids=()
+  echo "== the job runner's payment demo"
+  bash scripts/runner-demo.sh
+fi
