@@ -41,6 +41,9 @@ pub mod names {
     pub const QUEUE_DELAYED: &str = "job_runner_queue_delayed";
     /// Gauge: entries in the dead-letter stream.
     pub const QUEUE_DEAD: &str = "job_runner_queue_dead";
+    /// Counter: times the queue node was found to have lost data, by `what` (`wiped`:
+    /// restarted empty; `rolled_back`: came back with older data).
+    pub const QUEUE_DATA_LOST: &str = "job_runner_queue_data_lost_total";
     /// Gauge: jobs running in this process.
     pub const IN_FLIGHT: &str = "job_runner_jobs_in_flight";
 }
@@ -69,6 +72,9 @@ pub fn install_recorder() -> Option<PrometheusHandle> {
             ] {
                 metrics::counter!(name).absolute(0);
             }
+            for what in ["wiped", "rolled_back"] {
+                metrics::counter!(names::QUEUE_DATA_LOST, "what" => what).absolute(0);
+            }
             Some(handle)
         })
         .clone()
@@ -92,6 +98,8 @@ pub struct Health {
 struct HealthInner {
     last_beat_ms: AtomicU64,
     failures: AtomicU32,
+    reclaim_failures: AtomicU32,
+    promote_failures: AtomicU32,
     stopping: AtomicBool,
     stall_after: Duration,
 }
@@ -112,6 +120,8 @@ impl Health {
             inner: Arc::new(HealthInner {
                 last_beat_ms: AtomicU64::new(now_ms()),
                 failures: AtomicU32::new(0),
+                reclaim_failures: AtomicU32::new(0),
+                promote_failures: AtomicU32::new(0),
                 stopping: AtomicBool::new(false),
                 stall_after,
             }),
@@ -132,6 +142,24 @@ impl Health {
         self.beat();
     }
 
+    /// Reclaims and promotions are counted apart from fetches: a loop whose fetches
+    /// succeed while every reclaim fails leaves crashed runners' jobs stranded for good.
+    pub(crate) fn reclaim_done(&self, ok: bool) {
+        Self::count(&self.inner.reclaim_failures, ok);
+    }
+
+    pub(crate) fn promote_done(&self, ok: bool) {
+        Self::count(&self.inner.promote_failures, ok);
+    }
+
+    fn count(failures: &AtomicU32, ok: bool) {
+        if ok {
+            failures.store(0, Ordering::Relaxed);
+        } else {
+            failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     pub(crate) fn stopping(&self) {
         self.inner.stopping.store(true, Ordering::Relaxed);
     }
@@ -148,6 +176,16 @@ impl Health {
         let failures = self.inner.failures.load(Ordering::Relaxed);
         if failures >= 3 {
             return HealthStatus::Unhealthy(format!("last {failures} fetches failed"));
+        }
+        let failures = self.inner.reclaim_failures.load(Ordering::Relaxed);
+        if failures >= 3 {
+            return HealthStatus::Unhealthy(format!("last {failures} reclaims failed"));
+        }
+        let failures = self.inner.promote_failures.load(Ordering::Relaxed);
+        if failures >= 3 {
+            return HealthStatus::Unhealthy(format!(
+                "last {failures} promotions of delayed jobs failed"
+            ));
         }
         HealthStatus::Healthy
     }
@@ -233,6 +271,17 @@ mod tests {
             HealthStatus::Unhealthy("last 3 fetches failed".into())
         );
         health.fetch_ok();
+        assert_eq!(health.status(), HealthStatus::Healthy);
+        for _ in 0..3 {
+            health.reclaim_done(false);
+            health.fetch_ok();
+        }
+        assert_eq!(
+            health.status(),
+            HealthStatus::Unhealthy("last 3 reclaims failed".into()),
+            "fetches that succeed do not hide reclaims that fail"
+        );
+        health.reclaim_done(true);
         assert_eq!(health.status(), HealthStatus::Healthy);
         health.stopping();
         assert!(matches!(health.status(), HealthStatus::Unhealthy(_)));

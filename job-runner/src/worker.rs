@@ -431,7 +431,9 @@ impl Runner {
 
             if last_promote.elapsed() >= Duration::from_millis(200) {
                 last_promote = Instant::now();
-                if let Err(e) = inner.queue.promote_due(256).await {
+                let promoted = inner.queue.promote_due(256).await;
+                inner.health.promote_done(promoted.is_ok());
+                if let Err(e) = promoted {
                     tracing::warn!(error = %error_chain(&e), "promoting delayed jobs failed");
                 }
             }
@@ -448,6 +450,7 @@ impl Runner {
                         cursor,
                         ..
                     }) => {
+                        inner.health.reclaim_done(true);
                         reclaim_cursor = cursor;
                         if !claimed.is_empty() {
                             tracing::info!(count = claimed.len(), "reclaimed stalled entries");
@@ -456,7 +459,10 @@ impl Runner {
                         }
                         batch = claimed;
                     }
-                    Err(e) => tracing::warn!(error = %error_chain(&e), "reclaim failed"),
+                    Err(e) => {
+                        inner.health.reclaim_done(false);
+                        tracing::warn!(error = %error_chain(&e), "reclaim failed");
+                    }
                 }
             }
             if batch.is_empty() {
