@@ -205,6 +205,15 @@ pub struct RunArgs {
     /// An exec job kind and the shell command it runs, e.g. `report=./report.sh` (repeatable).
     #[arg(long = "exec", value_name = "KIND=COMMAND", value_parser = parse_exec)]
     pub exec: Vec<(String, String)>,
+    /// The runner's environment variables exec commands get besides the job's own; all
+    /// others are withheld [default: PATH,HOME,LANG,LC_ALL,TZ,TMPDIR]
+    #[arg(
+        long,
+        env = "JOB_RUNNER_EXEC_ENV",
+        value_name = "NAME,...",
+        value_delimiter = ','
+    )]
+    pub exec_env: Option<Vec<String>>,
     /// Print the settings in force, as TOML, and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -327,6 +336,7 @@ impl Cli {
             o.gateway_latency_ms = run.gateway_latency_ms;
             o.gateway_failure_rate = run.gateway_failure_rate;
             o.exec = run.exec.clone();
+            o.exec_env = run.exec_env.clone();
         }
         Settings::resolve(o, file)
     }
@@ -509,7 +519,13 @@ pub async fn run(
         .with("payment", PaymentHandler::new(ledger, gateway))
         .with("noop", Noop);
     if !settings.exec.is_empty() {
-        let exec = ExecHandler::new(settings.exec.clone());
+        let mut exec =
+            ExecHandler::new(settings.exec.clone()).env_allow(settings.exec_env.iter().cloned());
+        // This is the binary (the library's users build their own runner), so it can
+        // supervise its own commands.
+        if let Ok(me) = std::env::current_exe() {
+            exec = exec.supervisor(me);
+        }
         for kind in settings.exec.keys() {
             handlers.insert(kind.clone(), exec.clone());
         }

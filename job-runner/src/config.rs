@@ -105,6 +105,8 @@ pub struct FileConfig {
     pub gateway_failure_rate: Option<f64>,
     /// Command (program and arguments) per exec job kind.
     pub exec: Option<BTreeMap<String, Vec<String>>>,
+    /// The runner's environment variables exec commands get (all others are withheld).
+    pub exec_env: Option<Vec<String>>,
 }
 
 impl FileConfig {
@@ -175,6 +177,8 @@ pub struct Overrides {
     pub gateway_failure_rate: Option<f64>,
     /// `--exec KIND=COMMAND`, run through `sh -c`.
     pub exec: Vec<(String, String)>,
+    /// `--exec-env NAME,...`.
+    pub exec_env: Option<Vec<String>>,
 }
 
 /// The settings in force, after precedence and checks.
@@ -223,6 +227,9 @@ pub struct Settings {
     pub gateway_failure_rate: f64,
     /// Commands per exec kind (default none).
     pub exec: BTreeMap<String, Vec<String>>,
+    /// The runner's environment variables exec commands get, besides the job's own
+    /// (default `PATH`, `HOME`, `LANG`, `LC_ALL`, `TZ`, `TMPDIR`).
+    pub exec_env: Vec<String>,
 }
 
 /// The longest job timeout: a week. Longer is a mistake (a unit mix-up, say), and would
@@ -314,6 +321,12 @@ impl Settings {
                 .or(f.gateway_failure_rate)
                 .unwrap_or(0.0),
             exec,
+            exec_env: o.exec_env.or(f.exec_env).unwrap_or_else(|| {
+                crate::exec::DEFAULT_ENV_ALLOW
+                    .iter()
+                    .map(|&v| v.to_owned())
+                    .collect()
+            }),
         };
         s.check()?;
         Ok(s)
@@ -326,6 +339,16 @@ impl Settings {
                 .map_err(|e| ConfigError::new(key, format!("`{url}` is not a Redis URL: {e}")))
         };
         url("queue", &self.queue)?;
+        if let Some(bad) = self
+            .exec_env
+            .iter()
+            .find(|v| v.is_empty() || v.contains('=') || v.contains('\0'))
+        {
+            return Err(ConfigError::new(
+                "exec_env",
+                format!("`{bad}` is not an environment variable name"),
+            ));
+        }
         for node in &self.lock_nodes {
             url("lock_nodes", node)?;
         }
