@@ -302,18 +302,54 @@ async fn terminate(
     }
 }
 
+/// The longest line of a child's output that goes to the log; the rest of a longer
+/// line is skipped, so a command that prints megabytes without a newline costs no more
+/// memory than this.
+pub const MAX_LOG_LINE: usize = 8 * 1024;
+
+/// Logs a child's output line by line. Output is bytes, decoded lossily: a command that
+/// prints something that is not UTF-8 must not stop the reading, which would close the
+/// pipe and kill the command with SIGPIPE.
 fn log_lines(
     pipe: impl AsyncRead + Unpin + Send + 'static,
     label: String,
     stderr: bool,
 ) -> tokio::task::JoinHandle<()> {
+    let emit = move |line: &[u8], cut: bool| {
+        let mut text = String::from_utf8_lossy(line).into_owned();
+        if cut {
+            text.push_str(&format!(" … (line cut at {MAX_LOG_LINE} bytes)"));
+        }
+        if stderr {
+            tracing::warn!(target: "job_runner::exec", child = %label, "{text}");
+        } else {
+            tracing::info!(target: "job_runner::exec", child = %label, "{text}");
+        }
+    };
     tokio::spawn(async move {
-        let mut lines = BufReader::new(pipe).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            if stderr {
-                tracing::warn!(target: "job_runner::exec", child = %label, "{line}");
-            } else {
-                tracing::info!(target: "job_runner::exec", child = %label, "{line}");
+        let mut reader = BufReader::new(pipe);
+        let mut line = Vec::new();
+        let mut cut = false;
+        while let Ok(buf) = reader.fill_buf().await {
+            if buf.is_empty() {
+                if !line.is_empty() || cut {
+                    emit(&line, cut);
+                }
+                break;
+            }
+            let newline = buf.iter().position(|&b| b == b'\n');
+            let chunk = &buf[..newline.unwrap_or(buf.len())];
+            let room = MAX_LOG_LINE - line.len();
+            if chunk.len() > room {
+                cut = true;
+            }
+            line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            let used = newline.map_or(buf.len(), |i| i + 1);
+            reader.consume(used);
+            if newline.is_some() {
+                emit(&line, cut);
+                line.clear();
+                cut = false;
             }
         }
     })
