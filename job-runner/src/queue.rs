@@ -35,6 +35,7 @@ static PROMOTE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/promote.lua")));
 static DEAD_RETRY: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/dead_retry.lua")));
+static ACK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/ack.lua")));
 static TOUCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/touch.lua")));
 
 /// The longest [`Queue::fetch`] blocks; its connection's response timeout is set above it.
@@ -191,7 +192,13 @@ impl Queue {
         let group = format!("{name}-workers");
         check_persistence(&mut conn).await;
         let (acks, rx) = mpsc::unbounded_channel();
-        tokio::spawn(ack_batches(conn.clone(), stream.clone(), group.clone(), rx));
+        tokio::spawn(ack_batches(
+            conn.clone(),
+            stream.clone(),
+            group.clone(),
+            consumer.to_owned(),
+            rx,
+        ));
         let queue = Queue {
             conn,
             blocking,
@@ -492,12 +499,11 @@ impl Queue {
             .map_err(QueueError::on("touch"))
     }
 
-    /// Retires a done entry.
-    ///
-    /// Unlike [`retry_later`](Self::retry_later) and [`dead_letter`](Self::dead_letter),
-    /// this does not check that the entry is still this consumer's: it is called only once
-    /// the job is done, and a done job's entry may be retired by whoever ran it. Acks stay
-    /// plain `XACK`s, batched, on the hot path.
+    /// Retires a done entry, if it is still this consumer's. Returns false, having done
+    /// nothing, when it is not: another consumer reclaimed it while this one stalled, and
+    /// the entry is that one's to retire (it may have scheduled a copy of the job already,
+    /// which a plain `XACK` from here would not undo). Acks made while one is in flight go
+    /// out together as one script call.
     ///
     /// # Errors
     ///
@@ -507,7 +513,7 @@ impl Queue {
     ///
     /// The ack is queued when the future is first polled and is sent whether or not the
     /// future is then dropped.
-    pub async fn ack(&self, entry_id: &str) -> Result<(), QueueError> {
+    pub async fn ack(&self, entry_id: &str) -> Result<bool, QueueError> {
         let (done, rx) = oneshot::channel();
         let sent = self.acks.send(Ack {
             entry_id: entry_id.to_owned(),
@@ -926,28 +932,37 @@ async fn check_persistence(conn: &mut ConnectionManager) {
 /// One entry to acknowledge, and who waits for it.
 struct Ack {
     entry_id: String,
-    done: oneshot::Sender<Result<(), redis::RedisError>>,
+    done: oneshot::Sender<Result<bool, redis::RedisError>>,
 }
 
 /// The most entries one `XACK` carries.
 const MAX_ACK_BATCH: usize = 512;
 
-/// Sends the acks: at once when idle, and those made while an `XACK` is in flight as one
-/// `XACK` after it (group commit). Ends when every clone of the queue is gone.
+/// Sends the acks: at once when idle, and those made while one is in flight as one
+/// script call after it (group commit). Ends when every clone of the queue is gone.
 async fn ack_batches(
     mut conn: ConnectionManager,
     stream: String,
     group: String,
+    consumer: String,
     mut rx: mpsc::UnboundedReceiver<Ack>,
 ) {
     let mut batch = Vec::with_capacity(64);
     while rx.recv_many(&mut batch, MAX_ACK_BATCH).await > 0 {
         let ids: Vec<&str> = batch.iter().map(|a| a.entry_id.as_str()).collect();
-        let result: Result<u64, _> = conn.xack(&stream, &group, &ids).await;
-        for ack in batch.drain(..) {
-            let _ = ack
-                .done
-                .send(result.as_ref().map(drop).map_err(Clone::clone));
+        let result: Result<Vec<i64>, _> = ACK
+            .key(&stream)
+            .arg(&group)
+            .arg(&consumer)
+            .arg(&ids)
+            .invoke_async(&mut conn)
+            .await;
+        for (i, ack) in batch.drain(..).enumerate() {
+            let outcome = match &result {
+                Ok(done) => Ok(done.get(i) == Some(&1)),
+                Err(e) => Err(e.clone()),
+            };
+            let _ = ack.done.send(outcome);
         }
     }
 }

@@ -56,7 +56,8 @@ struct Settings {
     lock_retry: RetryPolicy,
     visibility: Duration,
     job_timeout: Duration,
-    cancel_grace: Duration,
+    /// `None` until set: then derived from the visibility timeout at build.
+    cancel_grace: Option<Duration>,
     shutdown_timeout: Duration,
     max_attempts: u32,
     backoff_base: Duration,
@@ -72,9 +73,24 @@ impl Settings {
     /// shutdown (jobs finishing, then the rest cancelled, put back and unlocked) fits in
     /// the timeout a process supervisor allows before it kills the process.
     fn shutdown_wind_down(&self) -> Duration {
-        self.cancel_grace.min(self.shutdown_timeout / 5)
+        self.cancel_grace().min(self.shutdown_timeout / 5)
+    }
+
+    fn cancel_grace(&self) -> Duration {
+        self.cancel_grace.unwrap_or(DEFAULT_CANCEL_GRACE)
+    }
+
+    /// What the visibility timeout must cover besides the cancel grace: the lock TTL (a
+    /// stalled runner's lock must have expired before another runner reclaims its entry,
+    /// or that one would find the lock taken and schedule a copy of the job) and a third
+    /// of it (one extension period) as a margin.
+    fn visibility_floor(&self) -> Duration {
+        self.lock_ttl + self.lock_ttl / 3
     }
 }
+
+/// The cancel grace unless the visibility timeout is too short for it.
+const DEFAULT_CANCEL_GRACE: Duration = Duration::from_secs(10);
 
 /// Builds a [`Runner`]. Consuming setters; checked by [`build`](Self::build).
 ///
@@ -85,7 +101,7 @@ impl Settings {
 /// | [`lock_retry`](Self::lock_retry) | 2 retries, 50 ms + up to 100 ms jitter, then requeue |
 /// | [`visibility_timeout`](Self::visibility_timeout) | 30 s |
 /// | [`job_timeout`](Self::job_timeout) | 5 min |
-/// | [`cancel_grace`](Self::cancel_grace) | 10 s |
+/// | [`cancel_grace`](Self::cancel_grace) | 10 s, or less if the visibility timeout requires |
 /// | [`shutdown_timeout`](Self::shutdown_timeout) | 25 s |
 /// | [`max_attempts`](Self::max_attempts) | 5 |
 /// | [`backoff`](Self::backoff) | 1 s doubling, at most 60 s, full jitter |
@@ -122,8 +138,9 @@ impl RunnerBuilder {
     }
 
     /// How long an entry may go unacknowledged, with no sign of life from its worker,
-    /// before another runner reclaims it. Running jobs keep their entries fresh, so this
-    /// only bounds how long a crashed runner's jobs wait. Must exceed the lock TTL.
+    /// before another runner reclaims it. Running jobs keep their entries fresh as long as
+    /// they hold their locks, so this only bounds how long a crashed or stalled runner's
+    /// jobs wait. Must be at least the lock TTL + the cancel grace + a third of the TTL.
     pub fn visibility_timeout(mut self, t: Duration) -> Self {
         self.settings.visibility = t;
         self
@@ -137,9 +154,10 @@ impl RunnerBuilder {
 
     /// How long a cancelled handler has to return before its future is dropped. At
     /// shutdown it is cut to a fifth of the [`shutdown_timeout`](Self::shutdown_timeout)
-    /// if that is shorter.
+    /// if that is shorter. Unset, it is 10 s, or what the visibility timeout leaves after
+    /// the lock TTL and a third of it, if that is less.
     pub fn cancel_grace(mut self, t: Duration) -> Self {
-        self.settings.cancel_grace = t;
+        self.settings.cancel_grace = Some(t);
         self
     }
 
@@ -188,9 +206,14 @@ impl RunnerBuilder {
     /// # Errors
     ///
     /// Names the first setting that is out of range: zero concurrency or attempts, a
-    /// zero TTL or timeout, a visibility timeout not above the lock TTL, a client without
-    /// fencing tokens, or no handlers.
-    pub fn build(self) -> Result<Runner, ConfigError> {
+    /// zero TTL or timeout, a visibility timeout shorter than the lock TTL + the cancel
+    /// grace + a third of the TTL, a client without fencing tokens, or no handlers.
+    pub fn build(mut self) -> Result<Runner, ConfigError> {
+        let floor = self.settings.visibility_floor();
+        if self.settings.cancel_grace.is_none() {
+            let room = self.settings.visibility.saturating_sub(floor);
+            self.settings.cancel_grace = Some(DEFAULT_CANCEL_GRACE.min(room));
+        }
         let s = &self.settings;
         let bad = |key, problem: String| Err(ConfigError { key, problem });
         if s.concurrency == 0 || s.concurrency > 4096 {
@@ -208,12 +231,17 @@ impl RunnerBuilder {
                 format!("must be at least 100ms, got {:?}", s.lock_ttl),
             );
         }
-        if s.visibility <= s.lock_ttl {
+        if s.visibility <= floor || s.visibility < floor + s.cancel_grace() {
             return bad(
                 "visibility_timeout",
                 format!(
-                    "must exceed the lock TTL ({:?}), got {:?}",
-                    s.lock_ttl, s.visibility
+                    "must be at least the lock TTL + the cancel grace + a third of the TTL \
+                     ({:?} + {:?} + {:?}), and more than {:?} without a cancel grace; got {:?}",
+                    s.lock_ttl,
+                    s.cancel_grace(),
+                    s.lock_ttl / 3,
+                    floor,
+                    s.visibility
                 ),
             );
         }
@@ -345,7 +373,7 @@ impl Runner {
                 ),
                 visibility: Duration::from_secs(30),
                 job_timeout: Duration::from_secs(300),
-                cancel_grace: Duration::from_secs(10),
+                cancel_grace: None,
                 shutdown_timeout: Duration::from_secs(25),
                 max_attempts: 5,
                 backoff_base: Duration::from_secs(1),
@@ -706,7 +734,7 @@ impl Runner {
 
         let watchdog = guard.auto_extend_with(
             WatchdogConfig::default()
-                .max_hold(s.job_timeout + s.cancel_grace + s.lock_ttl)
+                .max_hold(s.job_timeout + s.cancel_grace() + s.lock_ttl)
                 .cancel_on_loss(false),
         );
         let health = watchdog.health();
@@ -735,6 +763,14 @@ impl Runner {
         let guard = watchdog.stop().await;
 
         let (result, why) = match ended {
+            Ended::TakenOver(returned) => {
+                tracing::debug!(handler_returned = returned.is_some(), "handler stopped");
+                // Its new owner decides what happens to the job; the lock goes at once.
+                if let Err(e) = guard.release().await {
+                    tracing::debug!(error = %e, "release failed; the lock expires by its TTL");
+                }
+                return taken_over();
+            }
             Ended::Returned(r) => (r, None),
             Ended::Lost(r) => {
                 counter!(names::LOCKS_LOST).increment(1);
@@ -754,7 +790,8 @@ impl Runner {
                     tracing::debug!(error = %e, "release failed; the lock expires by its TTL");
                 }
                 match acked {
-                    Ok(()) => Finished::Done,
+                    Ok(true) => Finished::Done,
+                    Ok(false) => taken_over(),
                     Err(e) => {
                         tracing::warn!(error = %error_chain(&e), "ack failed; the entry will be reclaimed and run again");
                         Finished::Left
@@ -798,8 +835,11 @@ impl Runner {
         }
     }
 
-    /// Runs the handler until it returns, its lock is lost, it times out, or shutdown's
-    /// hard stop; keeps its entry fresh meanwhile.
+    /// Runs the handler until it returns, its lock is lost, it times out, its entry is
+    /// taken over, or shutdown's hard stop; then cancels it and gives it the cancel grace.
+    /// Keeps its entry fresh all along, grace included, because the lock is extended all
+    /// along too: an entry left to go stale while its lock is held would be reclaimed by a
+    /// runner that finds the lock taken and schedules a second copy of the job.
     async fn supervise(
         &self,
         mut fut: HandleFuture<'_>,
@@ -844,16 +884,11 @@ impl Runner {
                     stop = Ended::Interrupted;
                     break;
                 }
-                _ = touch.tick(), if !taken => {
-                    match self.inner.queue.touch(&[delivery.entry_id.as_str()]).await {
-                        Ok(lost) if !lost.is_empty() => {
-                            // The job keeps its lock, so its fenced writes stay safe; but its
-                            // entry is retired by the new owner, not from here.
-                            taken = true;
-                            tracing::warn!("another runner reclaimed this job's entry while this one stalled");
-                        }
-                        Ok(_) => {}
-                        Err(e) => tracing::debug!(error = %error_chain(&e), "could not refresh the entry"),
+                _ = touch.tick() => {
+                    if self.touch(delivery).await {
+                        taken = true;
+                        stop = Ended::TakenOver;
+                        break;
                     }
                 }
             }
@@ -861,15 +896,42 @@ impl Runner {
         cancel.cancel();
         // The cancel grace, cut short by shutdown's hard stop (now or later) so that the
         // runner stops within its shutdown timeout.
-        let returned = tokio::select! {
-            biased;
-            r = &mut fut => Some(r),
-            () = tokio::time::sleep(s.cancel_grace) => None,
-            () = hard_stop.cancelled() => {
-                tokio::time::timeout(s.shutdown_wind_down(), &mut fut).await.ok()
+        let grace = tokio::time::sleep(s.cancel_grace());
+        tokio::pin!(grace);
+        let returned = loop {
+            tokio::select! {
+                biased;
+                r = &mut fut => break Some(r),
+                () = &mut grace => break None,
+                () = hard_stop.cancelled() => {
+                    break tokio::time::timeout(s.shutdown_wind_down(), &mut fut).await.ok();
+                }
+                _ = touch.tick(), if !taken => taken = self.touch(delivery).await,
             }
         };
+        if taken {
+            return Ended::TakenOver(returned);
+        }
         stop(returned)
+    }
+
+    /// Refreshes the job's entry; true when it is another runner's now (this one stalled
+    /// past the visibility timeout and the entry was reclaimed).
+    async fn touch(&self, delivery: &Delivery) -> bool {
+        match self.inner.queue.touch(&[delivery.entry_id.as_str()]).await {
+            Ok(lost) if !lost.is_empty() => {
+                tracing::warn!(
+                    "another runner reclaimed this job's entry while this one stalled; \
+                     cancelling the handler and leaving the job to it"
+                );
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "could not refresh the job's entry; another runner may reclaim it");
+                false
+            }
+        }
     }
 
     async fn retry(&self, delivery: &Delivery, mut job: Job, reason: &str) -> Finished {
@@ -944,6 +1006,8 @@ fn taken_over() -> Finished {
 
 enum Ended {
     Returned(Option<Result<(), HandlerError>>),
+    /// Another runner reclaimed the entry; the handler was cancelled.
+    TakenOver(Option<Result<(), HandlerError>>),
     Lost(Option<Result<(), HandlerError>>),
     TimedOut(Option<Result<(), HandlerError>>),
     Interrupted(Option<Result<(), HandlerError>>),
