@@ -44,6 +44,9 @@ pub mod names {
     /// Counter: times the queue node was found to have lost data, by `what` (`wiped`:
     /// restarted empty; `rolled_back`: came back with older data).
     pub const QUEUE_DATA_LOST: &str = "job_runner_queue_data_lost_total";
+    /// Counter: payments rejected as stale although their runner held the order's lock:
+    /// the lock nodes' token counters went backwards.
+    pub const FENCE_REGRESSIONS: &str = "job_runner_fence_regressions_total";
     /// Gauge: jobs running in this process.
     pub const IN_FLIGHT: &str = "job_runner_jobs_in_flight";
 }
@@ -69,6 +72,7 @@ pub fn install_recorder() -> Option<PrometheusHandle> {
                 names::LOCK_EXTEND_FAILED,
                 names::LOCKS_LOST,
                 names::RECLAIMED,
+                names::FENCE_REGRESSIONS,
             ] {
                 metrics::counter!(name).absolute(0);
             }
