@@ -422,3 +422,37 @@ async fn a_queue_node_back_with_older_data_is_reported() {
     task.await.unwrap();
     cluster.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_metrics_are_labelled_only_with_kinds_the_runner_handles() {
+    let handle = job_runner::telemetry::install_recorder().expect("the recorder");
+    let cluster = Cluster::start(2).await;
+    let urls = cluster.urls();
+    let queue = Queue::connect(&urls[1], "kinds", "runner").await.unwrap();
+    let mut rng = SmallRng::seed_from_u64(9);
+    for i in 0..20 {
+        let kind = format!("kind-{:08x}", rng.random::<u32>());
+        queue
+            .enqueue(&NewJob::new(kind, format!("r:{i}"), json!({})))
+            .await
+            .unwrap();
+    }
+    let report = run_once(runner(queue, fenced_client(&urls[..1]).await, |b| {
+        b.once(true)
+    }))
+    .await;
+    assert_eq!(report.dead, 20, "{report:?}");
+    let series: Vec<String> = handle
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("job_runner_jobs_total{") && l.contains("kind-"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        series.is_empty(),
+        "a producer's kinds became label values: {} series, e.g. {:?}",
+        series.len(),
+        series.first()
+    );
+    cluster.teardown().await;
+}

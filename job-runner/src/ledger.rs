@@ -787,6 +787,19 @@ mod tests {
         std::fs::remove_file(path).ok();
     }
 
+    /// A `paid` commit is on disk before its job is acknowledged: in WAL mode only
+    /// `synchronous = FULL` (2) syncs each commit.
+    #[test]
+    fn commits_are_synced_before_they_return() {
+        let (ledger, path) = temp_ledger(true);
+        let level: i64 = ledger
+            .conn()
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap();
+        assert_eq!(level, 2, "synchronous is {level}, not FULL (2)");
+        std::fs::remove_file(path).ok();
+    }
+
     /// A duplicate job whose token is below the fence of an order that is paid (its
     /// tokens came from a lock whose counter is behind) is done, not retried as stale
     /// until it is dead-lettered.

@@ -14,8 +14,9 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Metric names, all prefixed `job_runner_`.
 pub mod names {
-    /// Counter: jobs finished, by `kind` and `outcome` (`done`, `retried`, `dead`,
-    /// `requeued`, `interrupted`).
+    /// Counter: jobs finished, by `kind` (a kind this runner handles, `unknown` for any
+    /// other, `(malformed)` for entries that are not jobs) and `outcome` (`done`,
+    /// `retried`, `dead`, `requeued`, `interrupted`, `left_pending`, `taken_over`).
     pub const JOBS: &str = "job_runner_jobs_total";
     /// Histogram: seconds from lock acquired to handler finished, by `kind`.
     pub const JOB_DURATION: &str = "job_runner_job_duration_seconds";

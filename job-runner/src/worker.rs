@@ -632,7 +632,13 @@ impl Runner {
             attempt = job.attempt,
             token = tracing::field::Empty,
         );
-        let kind = job.kind.clone();
+        // Only kinds this runner handles become label values: the kind is whatever a
+        // producer wrote, and each value would be a time series kept for good.
+        let kind = if self.inner.handlers.get(&job.kind).is_some() {
+            job.kind.clone()
+        } else {
+            "unknown".to_owned()
+        };
         let finished = self
             .process_job(delivery, job, hard_stop)
             .instrument(span.clone())
