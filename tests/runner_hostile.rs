@@ -456,3 +456,57 @@ async fn job_metrics_are_labelled_only_with_kinds_the_runner_handles() {
     );
     cluster.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_jobs_are_refused_at_enqueue_and_dead_lettered_unparsed_at_fetch() {
+    let cluster = Cluster::start(2).await;
+    let urls = cluster.urls();
+    let mut conn = cluster.conn(1).await;
+    let queue = Queue::connect(&urls[1], "big", "runner")
+        .await
+        .unwrap()
+        .max_entry_bytes(4096);
+    let big = json!({"blob": "x".repeat(10_000)});
+    let refused = queue
+        .enqueue(&NewJob::new("noop", "r:big", big.clone()))
+        .await
+        .expect_err("a job over the limit is refused");
+    assert!(
+        format!("{refused:?}").contains("more than the limit of 4096"),
+        "{refused:?}"
+    );
+    // A producer without the limit wrote one anyway: a 1 MiB job.
+    let huge = serde_json::to_string(&json!({
+        "id": "h", "kind": "noop", "resource": "r:huge", "attempt": 0, "enqueued_at_ms": 1,
+        "payload": {"blob": "y".repeat(1 << 20)},
+    }))
+    .unwrap();
+    xadd(
+        &mut conn,
+        "big:jobs",
+        &vec![(b"job".to_vec(), huge.into_bytes())],
+    )
+    .await;
+    queue
+        .enqueue(&NewJob::new("noop", "r:small", json!({})))
+        .await
+        .unwrap();
+    let report = run_once(runner(
+        queue.clone(),
+        fenced_client(&urls[..1]).await,
+        |b| b.once(true),
+    ))
+    .await;
+    assert_eq!((report.done, report.dead), (1, 1), "{report:?}");
+    let dead = queue.dead_list(10).await.unwrap();
+    assert!(
+        dead[0].reason.contains("more than the limit of 4096"),
+        "{dead:?}"
+    );
+    assert!(
+        dead[0].raw.len() < 4096,
+        "the dead letter keeps a summary, not a copy"
+    );
+    assert!(dead_fields(&mut conn, "big:dead").await.is_empty());
+    cluster.teardown().await;
+}

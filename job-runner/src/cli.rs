@@ -98,6 +98,15 @@ pub struct GlobalArgs {
         value_name = "NAME"
     )]
     pub queue_name: Option<String>,
+    /// The largest job, in bytes, that `enqueue` writes and `run` runs; larger entries
+    /// found in the queue are dead-lettered unparsed [default: 1048576]
+    #[arg(
+        long,
+        global = true,
+        env = "JOB_RUNNER_MAX_PAYLOAD_BYTES",
+        value_name = "BYTES"
+    )]
+    pub max_payload_bytes: Option<usize>,
     /// Lock nodes, comma-separated Redis URLs.
     #[arg(
         long,
@@ -314,6 +323,7 @@ impl Cli {
                 .or_else(|| env("JOB_RUNNER_QUEUE")),
             redis_url: env("REDIS_URL"),
             queue_name: self.global.queue_name.clone(),
+            max_payload_bytes: self.global.max_payload_bytes,
             lock_nodes: self.global.lock_nodes.clone(),
             log_format: self.global.log_format,
             ..Overrides::default()
@@ -457,6 +467,7 @@ pub async fn dispatch(
 async fn connect_queue(settings: &Settings, consumer: &str) -> Result<Queue, Exit> {
     Queue::connect(&settings.queue, &settings.queue_name, consumer)
         .await
+        .map(|q| q.max_entry_bytes(settings.max_payload_bytes))
         .map_err(|e| {
             Exit::new(
                 EX_UNAVAILABLE,

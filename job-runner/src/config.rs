@@ -107,6 +107,8 @@ pub struct FileConfig {
     pub exec: Option<BTreeMap<String, Vec<String>>>,
     /// The runner's environment variables exec commands get (all others are withheld).
     pub exec_env: Option<Vec<String>>,
+    /// The largest job entry, in bytes, enqueued or run.
+    pub max_payload_bytes: Option<usize>,
 }
 
 impl FileConfig {
@@ -179,6 +181,8 @@ pub struct Overrides {
     pub exec: Vec<(String, String)>,
     /// `--exec-env NAME,...`.
     pub exec_env: Option<Vec<String>>,
+    /// `--max-payload-bytes`.
+    pub max_payload_bytes: Option<usize>,
 }
 
 /// The settings in force, after precedence and checks.
@@ -230,6 +234,9 @@ pub struct Settings {
     /// The runner's environment variables exec commands get, besides the job's own
     /// (default `PATH`, `HOME`, `LANG`, `LC_ALL`, `TZ`, `TMPDIR`).
     pub exec_env: Vec<String>,
+    /// The largest job entry, in bytes, that `enqueue` writes and `run` parses (default
+    /// 1 MiB): larger entries found in the queue are dead-lettered unparsed.
+    pub max_payload_bytes: usize,
 }
 
 /// The longest job timeout: a week. Longer is a mistake (a unit mix-up, say), and would
@@ -321,6 +328,10 @@ impl Settings {
                 .or(f.gateway_failure_rate)
                 .unwrap_or(0.0),
             exec,
+            max_payload_bytes: o
+                .max_payload_bytes
+                .or(f.max_payload_bytes)
+                .unwrap_or(crate::queue::DEFAULT_MAX_ENTRY_BYTES),
             exec_env: o.exec_env.or(f.exec_env).unwrap_or_else(|| {
                 crate::exec::DEFAULT_ENV_ALLOW
                     .iter()
@@ -339,6 +350,15 @@ impl Settings {
                 .map_err(|e| ConfigError::new(key, format!("`{url}` is not a Redis URL: {e}")))
         };
         url("queue", &self.queue)?;
+        if !(256..=512 * 1024 * 1024).contains(&self.max_payload_bytes) {
+            return Err(ConfigError::new(
+                "max_payload_bytes",
+                format!(
+                    "must be 256..=536870912 (512 MiB, Redis's own limit), got {}",
+                    self.max_payload_bytes
+                ),
+            ));
+        }
         if let Some(bad) = self
             .exec_env
             .iter()

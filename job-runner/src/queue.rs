@@ -38,6 +38,9 @@ static DEAD_RETRY: LazyLock<Script> =
 static ACK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/ack.lua")));
 static TOUCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/touch.lua")));
 
+/// The largest job entry [`Queue::enqueue`] writes and a fetch parses, by default.
+pub const DEFAULT_MAX_ENTRY_BYTES: usize = 1024 * 1024;
+
 /// The longest [`Queue::fetch`] blocks; its connection's response timeout is set above it.
 pub const MAX_FETCH_BLOCK: Duration = Duration::from_secs(5);
 /// The response timeout of the queue's ordinary commands.
@@ -88,6 +91,9 @@ pub struct Delivery {
     /// How many times the group has handed this entry out, this time included: 1 for a
     /// fresh fetch, more when it was reclaimed from consumers that crashed or stalled.
     pub deliveries: u64,
+    /// Whether its dead letter keeps the entry's exact fields: for an entry that is not a
+    /// job, unless it is over the size limit (then only its bounded summary is kept).
+    keep_fields: bool,
 }
 
 /// What one [`Queue::reclaim`] took over.
@@ -119,6 +125,7 @@ pub struct Queue {
     group: String,
     consumer: String,
     seen: Arc<Mutex<Seen>>,
+    max_entry_bytes: usize,
 }
 
 /// What this process has seen of the queue node, to notice that it lost data.
@@ -210,9 +217,34 @@ impl Queue {
             group,
             consumer: consumer.to_owned(),
             seen: Arc::default(),
+            max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
         };
         queue.create().await?;
         Ok(queue)
+    }
+
+    /// The largest job entry to write or parse (default [`DEFAULT_MAX_ENTRY_BYTES`]): an
+    /// enqueue of a larger job fails, and a larger entry found in the stream is
+    /// dead-lettered unparsed, with a bounded summary of its fields instead of a copy.
+    #[must_use]
+    pub fn max_entry_bytes(mut self, bytes: usize) -> Self {
+        self.max_entry_bytes = bytes;
+        self
+    }
+
+    fn check_size(&self, raw: &str) -> Result<(), QueueError> {
+        if raw.len() <= self.max_entry_bytes {
+            return Ok(());
+        }
+        Err(QueueError::on("enqueue")(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "job too large",
+            format!(
+                "{} bytes, more than the limit of {} (max_payload_bytes)",
+                raw.len(),
+                self.max_entry_bytes
+            ),
+        ))))
     }
 
     /// Creates the stream and the group (from the stream's start) if they are missing,
@@ -329,6 +361,7 @@ impl Queue {
     /// When the queue's Redis fails.
     pub async fn enqueue(&self, new: &NewJob) -> Result<String, QueueError> {
         let (id, raw) = new_entry(new);
+        self.check_size(&raw)?;
         let mut conn = self.conn.clone();
         let entry: String = conn
             .xadd(&self.stream, "*", &[("job", raw)])
@@ -353,6 +386,7 @@ impl Queue {
         let mut ids = Vec::with_capacity(jobs.len());
         for new in jobs {
             let (id, raw) = new_entry(new);
+            self.check_size(&raw)?;
             pipe.xadd(&self.stream, "*", &[("job", raw)]);
             ids.push(id);
         }
@@ -406,7 +440,10 @@ impl Queue {
         if let Some(last) = entries.last() {
             self.saw(&last.id);
         }
-        Ok(entries.into_iter().map(delivery).collect())
+        Ok(entries
+            .into_iter()
+            .map(|e| delivery(e, self.max_entry_bytes))
+            .collect())
     }
 
     /// Takes over entries that have been pending longer than `visibility` (their consumer
@@ -446,7 +483,11 @@ impl Queue {
             other => other.map_err(QueueError::on("reclaim"))?,
         };
         let reply = entries::autoclaim_reply(reply).map_err(QueueError::on("reclaim"))?;
-        let mut entries: Vec<Delivery> = reply.entries.into_iter().map(delivery).collect();
+        let mut entries: Vec<Delivery> = reply
+            .entries
+            .into_iter()
+            .map(|e| delivery(e, self.max_entry_bytes))
+            .collect();
         if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
             // XAUTOCLAIM does not say how often an entry was handed out; the pending list
             // does. The claimed entries are in id order, so one range covers them all.
@@ -586,7 +627,7 @@ impl Queue {
             .arg(&delivery.raw)
             .arg(reason)
             .arg(&self.consumer)
-            .arg(if delivery.job.is_err() { "1" } else { "0" })
+            .arg(if delivery.keep_fields { "1" } else { "0" })
             .invoke_async(&mut conn)
             .await
             .map_err(QueueError::on("dead-letter"))?;
@@ -874,7 +915,22 @@ fn new_entry(new: &NewJob) -> (String, String) {
     (job.id, raw)
 }
 
-fn delivery(entry: RawEntry) -> Delivery {
+fn delivery(entry: RawEntry, max_bytes: usize) -> Delivery {
+    let size: usize = entry.fields.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if size > max_bytes {
+        return Delivery {
+            job: Err(Malformed {
+                reason: format!(
+                    "the entry is {size} bytes, more than the limit of {max_bytes} \
+                     (max_payload_bytes); only a summary of it is kept"
+                ),
+            }),
+            raw: entries::summary(&entry.fields),
+            entry_id: entry.id,
+            deliveries: 1,
+            keep_fields: false,
+        };
+    }
     let job_field = entry
         .fields
         .iter()
@@ -891,6 +947,7 @@ fn delivery(entry: RawEntry) -> Delivery {
         None => (entries::summary(&entry.fields), job::parse(None)),
     };
     Delivery {
+        keep_fields: job.is_err(),
         job,
         raw,
         entry_id: entry.id,
