@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use fencelock::{Redlock, RetryPolicy, WatchdogConfig};
+use fencelock::{Redlock, RetryPolicy};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, FileConfig, LogFormat, Overrides, Settings, redact};
@@ -294,6 +294,10 @@ pub struct LockExecArgs {
     /// How long to wait for the lock, in seconds; 0 tries once.
     #[arg(long, default_value_t = 30)]
     pub wait_secs: u64,
+    /// The longest the lock is held, in seconds: a command still running then gets
+    /// SIGTERM and the exit code is 75, as for a lost lock.
+    #[arg(long, default_value_t = 3600)]
+    pub max_hold_secs: u64,
     /// Seconds between SIGTERM and SIGKILL when the child must stop.
     #[arg(long, default_value_t = 5)]
     pub kill_grace_secs: u64,
@@ -759,7 +763,13 @@ async fn lock_exec(
     };
     let token = guard.fencing_token().unwrap_or_default();
     tracing::info!(resource = %args.resource, token, "lock taken; running the command");
-    let watchdog = guard.auto_extend_with(WatchdogConfig::default().cancel_on_loss(false));
+    let watchdog = guard.auto_extend_with(
+        crate::worker::watchdog_for(
+            Duration::from_secs(args.max_hold_secs),
+            Duration::from_millis(args.ttl_ms),
+        )
+        .cancel_on_loss(false),
+    );
     let health = watchdog.health();
     let cancel = CancellationToken::new();
     let env = [

@@ -739,8 +739,7 @@ impl Runner {
         tracing::Span::current().record("token", token);
 
         let watchdog = guard.auto_extend_with(
-            WatchdogConfig::default()
-                .max_hold(s.job_timeout + s.cancel_grace() + s.lock_ttl)
+            watchdog_for(s.job_timeout + s.cancel_grace() + s.lock_ttl, s.lock_ttl)
                 .cancel_on_loss(false),
         );
         let health = watchdog.health();
@@ -993,6 +992,18 @@ impl Runner {
     }
 }
 
+/// A watchdog that keeps a lock of `ttl` for up to `hold`: fencelock's default limits
+/// (an hour, 10 000 extensions) would cut a long job's lock short, and the job would then
+/// retry until it is dead-lettered. Extensions come every ttl/3; twice as many again are
+/// allowed for retried extensions.
+pub(crate) fn watchdog_for(hold: Duration, ttl: Duration) -> WatchdogConfig {
+    let period_ms = (ttl.as_millis() / 3).max(1);
+    let extensions = (hold.as_millis() / period_ms).saturating_mul(2) + 3;
+    WatchdogConfig::default()
+        .max_hold(hold)
+        .max_extensions(u32::try_from(extensions).unwrap_or(u32::MAX))
+}
+
 /// The delay before the retry that follows failed attempt number `attempt` (0 for the
 /// first): `base` doubling per attempt, at most `max`, with full jitter that never goes
 /// below a tenth of the step, so that a burst of failures spreads out but still backs off.
@@ -1047,6 +1058,34 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A job may run up to its timeout (at most a week) plus the cancel grace; its lock
+    /// must be extended that long, whatever the TTL.
+    #[test]
+    fn the_watchdog_keeps_the_lock_as_long_as_a_job_may_run() {
+        let week = Duration::from_secs(7 * 24 * 3600);
+        for ttl in [
+            Duration::from_millis(100),
+            Duration::from_secs(10),
+            Duration::from_secs(24 * 3600),
+        ] {
+            let hold = week + Duration::from_secs(10) + ttl;
+            let config = watchdog_for(hold, ttl);
+            let needed = hold.as_millis() / (ttl.as_millis() / 3);
+            let text = format!("{config:?}");
+            assert!(text.contains(&format!("max_hold: {hold:?}")), "{text}");
+            let allowed: u128 = text
+                .split("max_extensions: ")
+                .nth(1)
+                .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse().ok())
+                .unwrap();
+            assert!(
+                allowed >= needed,
+                "ttl {ttl:?}: {allowed} < {needed} extensions"
+            );
+        }
+    }
 
     #[test]
     fn backoff_doubles_up_to_its_cap_with_jitter_inside_each_step() {
