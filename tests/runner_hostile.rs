@@ -193,7 +193,10 @@ async fn entries_of_any_bytes_are_dead_lettered_alone_with_their_exact_fields() 
     let locks = fenced_client(&urls[..1]).await;
 
     // Fetched: the hostile entries come straight from XREADGROUP.
-    let queue = Queue::connect(&urls[1], "h1", "runner").await.unwrap();
+    let queue = Queue::connect(&urls[1], "h1", "runner")
+        .await
+        .unwrap()
+        .max_entry_bytes(16 << 20);
     let (hostile, jobs) = fill(&mut conn, &queue, "h1:jobs", 14).await;
     let report = run_once(runner(queue.clone(), locks.clone(), |b| b.once(true))).await;
     assert_eq!(
@@ -210,7 +213,10 @@ async fn entries_of_any_bytes_are_dead_lettered_alone_with_their_exact_fields() 
     );
 
     // Reclaimed: a consumer took them and crashed, so they come from XAUTOCLAIM.
-    let queue = Queue::connect(&urls[1], "h2", "runner").await.unwrap();
+    let queue = Queue::connect(&urls[1], "h2", "runner")
+        .await
+        .unwrap()
+        .max_entry_bytes(16 << 20);
     let (hostile, jobs) = fill(&mut conn, &queue, "h2:jobs", 15).await;
     let _: Value = redis::cmd("XREADGROUP")
         .arg("GROUP")
@@ -508,5 +514,41 @@ async fn oversized_jobs_are_refused_at_enqueue_and_dead_lettered_unparsed_at_fet
         "the dead letter keeps a summary, not a copy"
     );
     assert!(dead_fields(&mut conn, "big:dead").await.is_empty());
+    cluster.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_entries_are_removed_from_the_stream() {
+    let cluster = Cluster::start(2).await;
+    let urls = cluster.urls();
+    let mut conn = cluster.conn(1).await;
+    let queue = Queue::connect(&urls[1], "tidy", "runner").await.unwrap();
+    let jobs: Vec<NewJob> = (0..300)
+        .map(|i| NewJob::new("noop", format!("r:{}", i % 7), json!({})))
+        .collect();
+    queue.enqueue_many(&jobs).await.unwrap();
+    // And some that are not jobs, which go to dead letters.
+    for _ in 0..5 {
+        xadd(
+            &mut conn,
+            "tidy:jobs",
+            &vec![(b"x".to_vec(), b"y".to_vec())],
+        )
+        .await;
+    }
+    let report = run_once(runner(
+        queue.clone(),
+        fenced_client(&urls[..1]).await,
+        |b| b.once(true),
+    ))
+    .await;
+    assert_eq!((report.done, report.dead), (300, 5), "{report:?}");
+    let len: u64 = redis::cmd("XLEN")
+        .arg("tidy:jobs")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(len, 0, "finished entries stay in the stream");
+    assert_eq!(queue.stats().await.unwrap().depth, 0);
     cluster.teardown().await;
 }

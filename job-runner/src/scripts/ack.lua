@@ -1,8 +1,9 @@
 -- job-runner: acknowledge
--- Retires done entries, each only if it is still pending for this consumer: a runner that
--- stalled past the visibility timeout finds its entry taken over, and must not retire it
--- under the consumer that now owns it (which may have scheduled a copy of the job or be
--- running it).
+-- Retires done entries (acknowledges and deletes them: a finished entry is of no more use,
+-- and the stream must stay bounded by the work in flight), each only if it is still
+-- pending for this consumer: a runner that stalled past the visibility timeout finds its
+-- entry taken over, and must not retire it under the consumer that now owns it (which may
+-- have scheduled a copy of the job or be running it).
 --
 -- KEYS[1]  the jobs stream
 -- ARGV[1]  the consumer group
@@ -16,6 +17,7 @@ for i = 3, #ARGV do
     done[#done + 1] = 0
   else
     redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+    redis.call('XDEL', KEYS[1], ARGV[i])
     done[#done + 1] = 1
   end
 end

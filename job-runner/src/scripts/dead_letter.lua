@@ -1,7 +1,7 @@
 -- job-runner: dead-letter
--- Writes the entry to the dead-letter stream, then acknowledges it: the dead entry exists
--- before the ack, so a crash in between leaves the job pending (reclaimed later), never
--- lost.
+-- Writes the entry to the dead-letter stream, then acknowledges and deletes it: the dead
+-- entry exists before the ack, so a crash in between leaves the job pending (reclaimed
+-- later), never lost.
 --
 -- KEYS[1]  the jobs stream
 -- KEYS[2]  the dead-letter stream
@@ -36,4 +36,5 @@ else
   id = redis.call('XADD', KEYS[2], '*', 'job', ARGV[3], 'reason', ARGV[4], 'from', ARGV[2])
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
 return id

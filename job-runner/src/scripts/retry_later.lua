@@ -1,5 +1,6 @@
 -- job-runner: retry later
--- Schedules the job in the delayed set, then acknowledges the delivered entry, in one step.
+-- Schedules the job in the delayed set, then acknowledges and deletes the delivered entry,
+-- in one step.
 -- The due time is taken from the queue node's clock, the one promotion compares it with,
 -- so runners' clocks need not agree.
 --
@@ -22,4 +23,5 @@ local now = redis.call('TIME')
 local due = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[4])
 redis.call('ZADD', KEYS[2], string.format('%.0f', due), ARGV[3])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
 return 1
