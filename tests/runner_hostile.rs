@@ -552,3 +552,30 @@ async fn finished_entries_are_removed_from_the_stream() {
     assert_eq!(queue.stats().await.unwrap().depth, 0);
     cluster.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_letter_stream_keeps_at_most_its_limit() {
+    let cluster = Cluster::start(2).await;
+    let urls = cluster.urls();
+    let mut conn = cluster.conn(1).await;
+    let queue = Queue::connect(&urls[1], "cap", "runner")
+        .await
+        .unwrap()
+        .max_dead(10);
+    for i in 0..25 {
+        xadd(&mut conn, "cap:jobs", &vec![(b"n".to_vec(), vec![i])]).await;
+    }
+    let report = run_once(runner(
+        queue.clone(),
+        fenced_client(&urls[..1]).await,
+        |b| b.once(true),
+    ))
+    .await;
+    assert_eq!(report.dead, 25, "{report:?}");
+    assert_eq!(
+        queue.dead().await.unwrap(),
+        10,
+        "the dead letters outgrew their limit"
+    );
+    cluster.teardown().await;
+}

@@ -107,6 +107,14 @@ pub struct GlobalArgs {
         value_name = "BYTES"
     )]
     pub max_payload_bytes: Option<usize>,
+    /// The most dead letters kept; writing one more drops the oldest [default: 100000]
+    #[arg(
+        long,
+        global = true,
+        env = "JOB_RUNNER_MAX_DEAD_LETTERS",
+        value_name = "N"
+    )]
+    pub max_dead_letters: Option<u64>,
     /// Lock nodes, comma-separated Redis URLs.
     #[arg(
         long,
@@ -328,6 +336,7 @@ impl Cli {
             redis_url: env("REDIS_URL"),
             queue_name: self.global.queue_name.clone(),
             max_payload_bytes: self.global.max_payload_bytes,
+            max_dead_letters: self.global.max_dead_letters,
             lock_nodes: self.global.lock_nodes.clone(),
             log_format: self.global.log_format,
             ..Overrides::default()
@@ -471,7 +480,10 @@ pub async fn dispatch(
 async fn connect_queue(settings: &Settings, consumer: &str) -> Result<Queue, Exit> {
     Queue::connect(&settings.queue, &settings.queue_name, consumer)
         .await
-        .map(|q| q.max_entry_bytes(settings.max_payload_bytes))
+        .map(|q| {
+            q.max_entry_bytes(settings.max_payload_bytes)
+                .max_dead(settings.max_dead_letters)
+        })
         .map_err(|e| {
             Exit::new(
                 EX_UNAVAILABLE,

@@ -109,6 +109,8 @@ pub struct FileConfig {
     pub exec_env: Option<Vec<String>>,
     /// The largest job entry, in bytes, enqueued or run.
     pub max_payload_bytes: Option<usize>,
+    /// The most dead letters kept; the oldest beyond it are dropped.
+    pub max_dead_letters: Option<u64>,
 }
 
 impl FileConfig {
@@ -183,6 +185,8 @@ pub struct Overrides {
     pub exec_env: Option<Vec<String>>,
     /// `--max-payload-bytes`.
     pub max_payload_bytes: Option<usize>,
+    /// `--max-dead-letters`.
+    pub max_dead_letters: Option<u64>,
 }
 
 /// The settings in force, after precedence and checks.
@@ -237,6 +241,9 @@ pub struct Settings {
     /// The largest job entry, in bytes, that `enqueue` writes and `run` parses (default
     /// 1 MiB): larger entries found in the queue are dead-lettered unparsed.
     pub max_payload_bytes: usize,
+    /// The most dead letters kept (default 100 000); writing one more drops the oldest,
+    /// counted in `job_runner_dead_letters_dropped_total`.
+    pub max_dead_letters: u64,
 }
 
 /// The longest job timeout: a week. Longer is a mistake (a unit mix-up, say), and would
@@ -328,6 +335,10 @@ impl Settings {
                 .or(f.gateway_failure_rate)
                 .unwrap_or(0.0),
             exec,
+            max_dead_letters: o
+                .max_dead_letters
+                .or(f.max_dead_letters)
+                .unwrap_or(crate::queue::DEFAULT_MAX_DEAD),
             max_payload_bytes: o
                 .max_payload_bytes
                 .or(f.max_payload_bytes)
@@ -350,6 +361,12 @@ impl Settings {
                 .map_err(|e| ConfigError::new(key, format!("`{url}` is not a Redis URL: {e}")))
         };
         url("queue", &self.queue)?;
+        if self.max_dead_letters == 0 {
+            return Err(ConfigError::new(
+                "max_dead_letters",
+                "must be at least 1".to_owned(),
+            ));
+        }
         if !(256..=512 * 1024 * 1024).contains(&self.max_payload_bytes) {
             return Err(ConfigError::new(
                 "max_payload_bytes",

@@ -41,6 +41,9 @@ static TOUCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scri
 /// The largest job entry [`Queue::enqueue`] writes and a fetch parses, by default.
 pub const DEFAULT_MAX_ENTRY_BYTES: usize = 1024 * 1024;
 
+/// The most dead letters a queue keeps, by default.
+pub const DEFAULT_MAX_DEAD: u64 = 100_000;
+
 /// The longest [`Queue::fetch`] blocks; its connection's response timeout is set above it.
 pub const MAX_FETCH_BLOCK: Duration = Duration::from_secs(5);
 /// The response timeout of the queue's ordinary commands.
@@ -126,6 +129,7 @@ pub struct Queue {
     consumer: String,
     seen: Arc<Mutex<Seen>>,
     max_entry_bytes: usize,
+    max_dead: u64,
 }
 
 /// What this process has seen of the queue node, to notice that it lost data.
@@ -218,6 +222,7 @@ impl Queue {
             consumer: consumer.to_owned(),
             seen: Arc::default(),
             max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
+            max_dead: DEFAULT_MAX_DEAD,
         };
         queue.create().await?;
         Ok(queue)
@@ -229,6 +234,15 @@ impl Queue {
     #[must_use]
     pub fn max_entry_bytes(mut self, bytes: usize) -> Self {
         self.max_entry_bytes = bytes;
+        self
+    }
+
+    /// The most dead letters kept (default [`DEFAULT_MAX_DEAD`], at least 1): writing
+    /// one more drops the oldest, counted in `job_runner_dead_letters_dropped_total` and
+    /// logged, so that a flood of bad jobs cannot fill the queue node's memory.
+    #[must_use]
+    pub fn max_dead(mut self, n: u64) -> Self {
+        self.max_dead = n.max(1);
         self
     }
 
@@ -619,7 +633,7 @@ impl Queue {
     /// When the queue's Redis fails; the entry then stays pending and is reclaimed later.
     pub async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<bool, QueueError> {
         let mut conn = self.conn.clone();
-        let id: Option<String> = DEAD_LETTER
+        let written: Option<(String, u64)> = DEAD_LETTER
             .key(&self.stream)
             .key(&self.dead)
             .arg(&self.group)
@@ -628,10 +642,21 @@ impl Queue {
             .arg(reason)
             .arg(&self.consumer)
             .arg(if delivery.keep_fields { "1" } else { "0" })
+            .arg(self.max_dead)
             .invoke_async(&mut conn)
             .await
             .map_err(QueueError::on("dead-letter"))?;
-        Ok(id.is_some())
+        if let Some((_, dropped)) = written
+            && dropped > 0
+        {
+            counter!(names::DEAD_DROPPED).increment(dropped);
+            tracing::warn!(
+                dropped,
+                max = self.max_dead,
+                "the dead-letter stream is full: its oldest entries were dropped"
+            );
+        }
+        Ok(written.is_some())
     }
 
     /// Moves delayed jobs that are due, by the queue node's clock, into the stream;

@@ -48,6 +48,9 @@ pub mod names {
     /// Counter: payments rejected as stale although their runner held the order's lock:
     /// the lock nodes' token counters went backwards.
     pub const FENCE_REGRESSIONS: &str = "job_runner_fence_regressions_total";
+    /// Counter: dead letters dropped, oldest first, to keep the dead-letter stream within
+    /// its limit (`max_dead_letters`).
+    pub const DEAD_DROPPED: &str = "job_runner_dead_letters_dropped_total";
     /// Gauge: jobs running in this process.
     pub const IN_FLIGHT: &str = "job_runner_jobs_in_flight";
 }
@@ -74,6 +77,7 @@ pub fn install_recorder() -> Option<PrometheusHandle> {
                 names::LOCKS_LOST,
                 names::RECLAIMED,
                 names::FENCE_REGRESSIONS,
+                names::DEAD_DROPPED,
             ] {
                 metrics::counter!(name).absolute(0);
             }

@@ -15,11 +15,13 @@
 --          letter's `fields`, each name and value as `<length>:<bytes>`, in order. They
 --          go into one value because field names may be any bytes, and the dead-letter
 --          stream's own field names must stay readable.
+-- ARGV[7]  the most dead letters kept: the oldest beyond it are dropped
 --
--- Returns  the dead-letter entry id, or false when the entry is not pending for this
---          consumer (another consumer reclaimed it while this one stalled, or it is
---          already retired): then nothing is written, so a stalled runner cannot
---          dead-letter a job that another runner now owns or has finished.
+-- Returns  {dead-letter entry id, how many old dead letters were dropped}, or false when
+--          the entry is not pending for this consumer (another consumer reclaimed it
+--          while this one stalled, or it is already retired): then nothing is written,
+--          so a stalled runner cannot dead-letter a job that another runner now owns or
+--          has finished.
 if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1, ARGV[5]) == 0 then
   return false
 end
@@ -37,4 +39,4 @@ else
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
-return id
+return {id, redis.call('XTRIM', KEYS[2], 'MAXLEN', ARGV[7])}
