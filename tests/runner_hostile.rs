@@ -579,3 +579,21 @@ async fn the_dead_letter_stream_keeps_at_most_its_limit() {
     );
     cluster.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn depth_counts_undelivered_entries_while_retired_ones_are_deleted() {
+    let cluster = Cluster::start(1).await;
+    let queue = Queue::connect(&cluster.urls()[0], "depth", "runner")
+        .await
+        .unwrap();
+    let job = |i: usize| NewJob::new("noop", format!("r:{i}"), json!({}));
+    queue.enqueue_many(&[job(0), job(1), job(2)]).await.unwrap();
+    let got = queue.fetch(3, Duration::from_millis(100)).await.unwrap();
+    // The middle one is retired (deleted) while the first stays in flight: Redis's lag is
+    // nil from then on.
+    assert!(queue.ack(&got[1].entry_id).await.unwrap());
+    queue.enqueue_many(&[job(3), job(4)]).await.unwrap();
+    let st = queue.stats().await.unwrap();
+    assert_eq!((st.depth, st.pending), (2, 2), "{st:?}");
+    cluster.teardown().await;
+}

@@ -756,12 +756,13 @@ impl Queue {
     /// When the queue's Redis fails.
     pub async fn stats(&self) -> Result<QueueStats, QueueError> {
         let mut conn = self.conn.clone();
-        let (groups, delayed, dead): (redis::Value, u64, u64) = redis::pipe()
+        let (groups, delayed, dead, len): (redis::Value, u64, u64, u64) = redis::pipe()
             .cmd("XINFO")
             .arg("GROUPS")
             .arg(&self.stream)
             .zcard(&self.delayed)
             .xlen(&self.dead)
+            .xlen(&self.stream)
             .query_async(&mut conn)
             .await
             .map_err(QueueError::on("stats"))?;
@@ -786,8 +787,14 @@ impl Queue {
                         .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
                         .unwrap_or(0)
                 };
-                stats.depth = int("lag");
                 stats.pending = int("pending");
+                // Redis cannot tell the lag once entries after the oldest pending one were
+                // deleted (as retiring does) and reports nil. Every delivered entry is then
+                // pending or deleted, so the rest of the stream is the undelivered part.
+                stats.depth = fields
+                    .get("lag")
+                    .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
+                    .unwrap_or_else(|| len.saturating_sub(stats.pending));
                 stats.consumers = int("consumers");
             }
         }
