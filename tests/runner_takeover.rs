@@ -187,3 +187,50 @@ async fn a_visibility_timeout_that_does_not_cover_lock_and_grace_is_refused() {
     build(Some(Duration::from_secs(4))).await.unwrap();
     cluster.teardown().await;
 }
+
+/// Sleeps `ms` from its payload.
+#[derive(Clone)]
+struct Sleep;
+
+impl Handler for Sleep {
+    async fn handle(&self, job: &Job, _ctx: JobContext) -> Result<(), HandlerError> {
+        let ms = job.payload["ms"].as_u64().unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_waiting_on_a_busy_resource_back_off() {
+    let cluster = Cluster::start(2).await;
+    let urls = cluster.urls();
+    let queue = Queue::connect(&urls[1], "busy", "test").await.unwrap();
+    // One job holds `hot` for 8 s; three more wait for it.
+    let mut jobs = vec![NewJob::new("sleep", "hot", json!({"ms": 8000}))];
+    jobs.extend((0..3).map(|_| NewJob::new("sleep", "hot", json!({"ms": 10}))));
+    queue.enqueue_many(&jobs).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let runner = Runner::builder(
+        Queue::connect(&urls[1], "busy", "runner").await.unwrap(),
+        fenced_client(&urls[..1]).await,
+        Registry::new().with("sleep", Sleep),
+    )
+    .concurrency(4)
+    .lock_ttl(Duration::from_millis(1000))
+    .visibility_timeout(Duration::from_secs(5))
+    .once(true)
+    .build()
+    .unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(60), runner.run(std::future::pending()))
+        .await
+        .unwrap();
+    assert_eq!(report.done, 4, "{report:?}");
+    // Every 0-250 ms for 8 s would be some 15 requeues per waiting job; doubling waits
+    // make it about 5.
+    assert!(
+        report.requeued <= 25,
+        "3 jobs waiting 8 s for a lock were put back {} times",
+        report.requeued
+    );
+    cluster.teardown().await;
+}

@@ -942,6 +942,7 @@ fn new_entry(new: &NewJob) -> (String, String) {
         payload: new.payload.clone(),
         attempt: 0,
         enqueued_at_ms: now_ms(),
+        requeues: 0,
     };
     let raw = serde_json::to_string(&job).expect("a job serializes");
     (job.id, raw)

@@ -105,7 +105,7 @@ const DEFAULT_CANCEL_GRACE: Duration = Duration::from_secs(10);
 /// | [`shutdown_timeout`](Self::shutdown_timeout) | 25 s |
 /// | [`max_attempts`](Self::max_attempts) | 5 |
 /// | [`backoff`](Self::backoff) | 1 s doubling, at most 60 s, full jitter |
-/// | [`requeue_delay`](Self::requeue_delay) | up to 250 ms, random |
+/// | [`requeue_delay`](Self::requeue_delay) | 125–250 ms, doubling per contended try, at most 5 s |
 /// | [`once`](Self::once) | false |
 #[derive(Debug)]
 #[must_use = "a builder does nothing until `build()`"]
@@ -182,7 +182,8 @@ impl RunnerBuilder {
         self
     }
 
-    /// The longest random delay before a job whose lock was contended runs again.
+    /// The first delay before a job whose lock was contended runs again; it doubles with
+    /// each contended try in a row, up to 5 s, jittered over its upper half.
     pub fn requeue_delay(mut self, max: Duration) -> Self {
         self.settings.requeue_delay = max;
         self
@@ -657,7 +658,7 @@ impl Runner {
     async fn process_job(
         &self,
         delivery: Delivery,
-        job: Job,
+        mut job: Job,
         hard_stop: CancellationToken,
     ) -> Finished {
         let inner = &self.inner;
@@ -693,11 +694,20 @@ impl Runner {
         let guard = match acquired {
             Ok(guard) => {
                 counter!(names::LOCK_ACQUIRE, "outcome" => "acquired").increment(1);
+                job.requeues = 0;
                 guard
             }
             Err(e) => {
                 let (outcome, delay) = match e.kind() {
-                    ErrorKind::Contended => ("contended", self.jitter(s.requeue_delay)),
+                    ErrorKind::Contended => {
+                        let delay = contended_delay(
+                            s.requeue_delay,
+                            job.requeues,
+                            &mut SmallRng::from_os_rng(),
+                        );
+                        job.requeues = job.requeues.saturating_add(1);
+                        ("contended", delay)
+                    }
                     ErrorKind::Config => {
                         counter!(names::LOCK_ACQUIRE, "outcome" => "error").increment(1);
                         let reason = format!("cannot lock resource `{}`: {e}", job.resource);
@@ -1004,6 +1014,21 @@ pub(crate) fn watchdog_for(hold: Duration, ttl: Duration) -> WatchdogConfig {
         .max_extensions(u32::try_from(extensions).unwrap_or(u32::MAX))
 }
 
+/// The longest a job whose lock keeps being held elsewhere waits before it tries again.
+const MAX_CONTENDED_DELAY: Duration = Duration::from_secs(5);
+
+/// The delay before a job whose lock was held elsewhere tries again, after `requeues`
+/// such tries in a row: `first` doubling each time, at most [`MAX_CONTENDED_DELAY`], with
+/// jitter over its upper half. Jobs waiting on one busy resource then go round less and
+/// less often, and leave the workers to other resources' jobs, instead of each coming
+/// back every `first` for as long as the holder runs.
+fn contended_delay(first: Duration, requeues: u32, rng: &mut impl Rng) -> Duration {
+    let ceiling = first
+        .saturating_mul(1u32 << requeues.min(16))
+        .min(MAX_CONTENDED_DELAY.max(first));
+    ceiling / 2 + rng.random_range(Duration::ZERO..=ceiling - ceiling / 2)
+}
+
 /// The delay before the retry that follows failed attempt number `attempt` (0 for the
 /// first): `base` doubling per attempt, at most `max`, with full jitter that never goes
 /// below a tenth of the step, so that a burst of failures spreads out but still backs off.
@@ -1085,6 +1110,31 @@ mod tests {
                 "ttl {ttl:?}: {allowed} < {needed} extensions"
             );
         }
+    }
+
+    #[test]
+    fn contended_requeues_back_off_up_to_a_cap() {
+        let first = Duration::from_millis(250);
+        let mut rng = SmallRng::seed_from_u64(3);
+        let mut last_low = Duration::ZERO;
+        for requeues in 0..40u32 {
+            let delays: Vec<Duration> = (0..200)
+                .map(|_| contended_delay(first, requeues, &mut rng))
+                .collect();
+            let low = *delays.iter().min().unwrap();
+            let high = *delays.iter().max().unwrap();
+            let ceiling = (first * 2u32.pow(requeues.min(16))).min(MAX_CONTENDED_DELAY);
+            assert!(
+                low >= ceiling / 2 && high <= ceiling,
+                "{requeues}: {low:?}..{high:?}"
+            );
+            assert!(low >= last_low, "{requeues}: the wait never shrinks");
+            last_low = ceiling / 2;
+        }
+        // After a handful of tries a waiting job comes back at most every 2.5-5 s, not
+        // every 0-250 ms.
+        assert!(contended_delay(first, 6, &mut rng) >= MAX_CONTENDED_DELAY / 2);
+        assert_eq!(contended_delay(Duration::ZERO, 3, &mut rng), Duration::ZERO);
     }
 
     #[test]
