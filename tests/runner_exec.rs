@@ -181,3 +181,23 @@ async fn nothing_of_the_commands_process_group_outlives_its_job() {
     assert_eq!((report.done, report.dead), (1, 1), "{report:?}");
     cluster.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_that_is_not_utf8_or_has_no_newline_does_not_hurt_the_job() {
+    // Bytes that are not UTF-8, then 4 MiB without a newline, then more lines: the
+    // command must be able to write all of it and exit 0.
+    let commands = [(
+        "noisy",
+        r#"printf 'bad \377\376 bytes\n'; head -c 4194304 /dev/zero | tr '\0' x; echo; \
+           printf 'more \377\n' >&2; echo done > "$OUT/noisy""#,
+    )];
+    let jobs = [NewJob::new("noisy", "noisy:1", json!(null))];
+    let (report, _queue, out, cluster) = run_exec(&commands, &jobs, |b| b).await;
+    assert_eq!(read(&out, "noisy"), "done\n");
+    assert_eq!(
+        (report.done, report.dead, report.retried),
+        (1, 0, 0),
+        "{report:?}"
+    );
+    cluster.teardown().await;
+}

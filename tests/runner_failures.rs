@@ -270,7 +270,7 @@ async fn a_job_that_keeps_taking_its_runners_down_is_dead_lettered() {
     // came back); the runner's reclaim is its fifth hand-out, more than `max_attempts`.
     let cluster = Cluster::start(2).await;
     let url = cluster.urls()[1].clone();
-    let visibility = Duration::from_millis(700);
+    let visibility = Duration::from_millis(1000);
     let first = Queue::connect(&url, "fail", "crashed-0").await.unwrap();
     let id = first
         .enqueue(&NewJob::new("scripted", "r:poison", json!({})))

@@ -15,6 +15,9 @@
 //!   first `XADD` to an empty queue with nothing pending. Payment jobs pay 2 000 orders in a SQLite ledger, two jobs per
 //!   order.
 //! - **peak RSS** of one runner process with 64 payment jobs in flight.
+//! - **queue memory**: the queue node's `used_memory` before and after one runner (`-c 64`)
+//!   drains 100 000 no-op jobs (`BENCH_MEMORY_JOBS`): retired entries are deleted, so it
+//!   should end where it began.
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
@@ -201,6 +204,50 @@ async fn full_path(urls: &[String], kind: &str, processes: usize, concurrency: u
     rate
 }
 
+/// The queue node's `used_memory` in bytes.
+async fn used_memory(url: &str) -> u64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("used_memory in INFO")
+}
+
+/// The queue node's `used_memory` (KiB) with an idle runner connected, and after it
+/// drained `n` no-op jobs.
+async fn queue_memory(urls: &[String], n: usize) -> (f64, f64) {
+    flush(&urls[5]).await;
+    let ledger = temp_path("bench-ledger");
+    let queue = Queue::connect(&urls[5], "jobs", "bench").await.unwrap();
+    let mut child = runner(urls, &ledger, "bench-mem", 64, &[]).spawn().unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = used_memory(&urls[5]).await;
+    fill(&queue, "noop", n).await;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let st = queue.stats().await.unwrap();
+        if st.depth == 0 && st.pending == 0 && st.delayed == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not drained: {st:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = used_memory(&urls[5]).await;
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    child.wait().await.unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", ledger.display()));
+    }
+    (before as f64 / 1024.0, after as f64 / 1024.0)
+}
+
 /// Peak RSS (VmHWM) in MiB of one runner with 64 slow payment jobs in flight.
 async fn peak_rss(urls: &[String]) -> f64 {
     flush(&urls[5]).await;
@@ -294,6 +341,12 @@ async fn main() {
         Ok(only) if !only.split(',').any(|o| o.trim() == "rss") => None,
         _ => Some(peak_rss(&urls).await),
     };
+    let memory_jobs = std::env::var("BENCH_MEMORY_JOBS")
+        .map_or(100_000, |v| v.parse().expect("BENCH_MEMORY_JOBS"));
+    let memory = match std::env::var("BENCH_ONLY") {
+        Ok(only) if !only.split(',').any(|o| o.trim() == "memory") => None,
+        _ => Some(queue_memory(&urls, memory_jobs).await),
+    };
     println!(
         "\n{} jobs per run, medians of {RUNS} runs; 5 lock nodes, fencing on; each run of a row \
          is paired with a baseline run just before it\n",
@@ -319,6 +372,13 @@ async fn main() {
     }
     if let Some(rss) = rss {
         println!("\npeak RSS of one runner with 64 payment jobs in flight: {rss:.1} MiB");
+    }
+    if let Some((before, after)) = memory {
+        println!(
+            "\nqueue node used_memory: {before:.0} KiB with a runner connected, {after:.0} KiB \
+             after it drained {memory_jobs} no-op jobs ({:+.0} KiB)",
+            after - before
+        );
     }
     cluster.teardown().await;
 }

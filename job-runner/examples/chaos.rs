@@ -11,9 +11,14 @@
 //!
 //! Faults, each at least once: stop and start a lock node, pause and unpause one, restart
 //! one empty, SIGKILL a runner and start it again, pause a runner longer than the lock TTL
-//! (the GC-pause case), restart the queue Redis (AOF on). At most two of the five lock
-//! nodes are impaired at any time (down, paused, or in their post-restart quarantine), the
-//! failure model the lock is built for. Exits 1 on any violation.
+//! (the GC-pause case), restart the queue Redis (AOF on), write a hostile entry (any bytes,
+//! not a job) into the stream, and wipe the queue Redis (killed, its files deleted,
+//! started empty). At most two of the five lock nodes are impaired at any time (down,
+//! paused, or in their post-restart quarantine), the failure model the lock is built for.
+//! A wipe loses the jobs the queue held; the runners must report it
+//! (`job_runner_queue_data_lost_total`) and go on, and the driver, as a producer told of
+//! the loss, enqueues again every job it sent before (duplicates are harmless): each job
+//! then counts as done when its copy is. Exits 1 on any violation.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -82,16 +87,35 @@ enum Fault {
     KillRunner,
     PauseRunner,
     RestartQueue,
+    HostileEntry,
+    WipeQueue,
 }
 
-const ALL_FAULTS: [Fault; 6] = [
+const ALL_FAULTS: [Fault; 8] = [
     Fault::StopStartLock,
     Fault::PauseLock,
     Fault::RestartLockEmpty,
     Fault::KillRunner,
     Fault::PauseRunner,
     Fault::RestartQueue,
+    Fault::HostileEntry,
+    Fault::WipeQueue,
 ];
+
+/// An entry that is not a job: field names and values of any bytes, some empty, one
+/// large; the runners must dead-letter it alone.
+fn hostile_fields(rng: &mut SmallRng) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut bytes = |len: usize| {
+        let mut b = vec![0u8; len];
+        rng.fill(&mut b[..]);
+        b
+    };
+    vec![
+        (b"\xff\xfe".to_vec(), bytes(16)),
+        (bytes(8), Vec::new()),
+        (b"job".to_vec(), bytes(64 * 1024)),
+    ]
+}
 
 fn docker(args: &[&str]) {
     let out = Command::new("docker")
@@ -202,6 +226,15 @@ async fn scrape(port: u16) -> BTreeMap<String, f64> {
             "reclaimed".into()
         } else if series.starts_with("job_runner_locks_lost_total") {
             "locks lost".into()
+        } else if series.starts_with("job_runner_queue_data_lost_total") {
+            match series
+                .split("what=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+            {
+                Some(what) => format!("queue data lost ({what})"),
+                None => continue,
+            }
         } else {
             continue;
         };
@@ -291,7 +324,8 @@ async fn main() {
         })
         .collect();
     let started = Instant::now();
-    let ids: Arc<Mutex<Vec<String>>> = Arc::default();
+    // Every job sent, with the id of its newest copy (a wipe makes new copies).
+    let ids: Arc<Mutex<Vec<(String, NewJob)>>> = Arc::default();
     let producer = {
         let (queue, ids) = (queue.clone(), ids.clone());
         let spread = Duration::from_secs(args.duration_secs) / 2;
@@ -302,7 +336,9 @@ async fn main() {
                 loop {
                     match queue.enqueue_many(batch).await {
                         Ok(new) => {
-                            ids.lock().unwrap().extend(new);
+                            ids.lock()
+                                .unwrap()
+                                .extend(new.into_iter().zip(batch.iter().cloned()));
                             break;
                         }
                         // The queue Redis may be restarting: try again (a batch is one
@@ -325,6 +361,12 @@ async fn main() {
     let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
     let fault_end = started + Duration::from_secs(args.duration_secs);
     let mut next = 0usize;
+    let mut raw_queue = redis::Client::open(QUEUE_URL)
+        .expect("queue URL")
+        .get_connection_manager()
+        .await
+        .expect("connect to the queue");
+    let mut hostile_since_wipe = 0usize;
     while Instant::now() < fault_end || injected.len() < ALL_FAULTS.len() {
         let fault = if next < schedule.len() {
             schedule[next]
@@ -408,6 +450,51 @@ async fn main() {
                     true
                 }
             },
+            Fault::HostileEntry => {
+                let mut xadd = redis::cmd("XADD");
+                xadd.arg("jobs:jobs").arg("*");
+                for (k, v) in hostile_fields(&mut rng) {
+                    xadd.arg(k).arg(v);
+                }
+                let added: Result<String, _> = xadd.query_async(&mut raw_queue).await;
+                if added.is_ok() {
+                    hostile_since_wipe += 1;
+                    println!(
+                        "chaos: {:>6.1}s {fault:?} jobs:jobs",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                added.is_ok()
+            }
+            Fault::WipeQueue => {
+                hostile_since_wipe = 0;
+                // Killed, its files deleted, started again: empty, as after a disk loss.
+                run_steps(vec![
+                    (Duration::ZERO, vec!["kill", "-s", "KILL", "lab-queue"]),
+                    (
+                        Duration::ZERO,
+                        vec![
+                            "run",
+                            "--rm",
+                            "--volumes-from",
+                            "lab-queue",
+                            "--entrypoint",
+                            "sh",
+                            "redis:7.0",
+                            "-c",
+                            "rm -rf /data/* /data/.[!.]*",
+                        ],
+                    ),
+                    (Duration::ZERO, vec!["start", "lab-queue"]),
+                ])
+                .await;
+                println!(
+                    "chaos: {:>6.1}s {fault:?} lab-queue",
+                    started.elapsed().as_secs_f64()
+                );
+                tasks.push(tokio::spawn(send_again(queue.clone(), ids.clone())));
+                true
+            }
             Fault::RestartQueue => {
                 tasks.push(tokio::spawn(run_steps(vec![(
                     Duration::ZERO,
@@ -480,6 +567,10 @@ async fn main() {
     let dead = queue.dead_list(100_000).await.expect("dead letters");
     let st = queue.stats().await.expect("stats");
 
+    let hostile_dead = dead
+        .iter()
+        .filter(|d| d.reason.starts_with("malformed job"))
+        .count();
     let done: HashSet<&str> = attempts
         .iter()
         .filter(|a| matches!(a.outcome, Outcome::Charged | Outcome::AlreadyPaid))
@@ -489,7 +580,12 @@ async fn main() {
         .iter()
         .filter_map(|d| job_runner::job::parse(Some(&d.raw)).ok().map(|j| j.id))
         .collect();
-    let ids = ids.lock().unwrap().clone();
+    let ids: Vec<String> = ids
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(id, _)| id.clone())
+        .collect();
     let lost: Vec<&String> = ids
         .iter()
         .filter(|id| !done.contains(id.as_str()) && !dead_ids.contains(*id))
@@ -525,6 +621,18 @@ async fn main() {
     for key in &keys_left {
         violations.push(format!("lock key left: {key}"));
     }
+    if hostile_dead < hostile_since_wipe {
+        violations.push(format!(
+            "{hostile_since_wipe} hostile entries written since the last wipe, only \
+             {hostile_dead} dead-lettered"
+        ));
+    }
+    let wipes = injected.get(&Fault::WipeQueue).copied().unwrap_or(0);
+    let reported = metrics
+        .get("queue data lost (wiped)")
+        .copied()
+        .unwrap_or(0.0);
+    println!("queue wipes: {wipes}, reported by the runners {reported:.0} times");
 
     println!(
         "\n== chaos report (seed {seed}, fencing {})",
@@ -580,6 +688,27 @@ async fn main() {
         lab(&root, &["down"], args.no_fencing, args.gateway_latency_ms);
     }
     std::process::exit(if violations.is_empty() { 0 } else { 1 });
+}
+
+/// After a wipe: every job sent so far is enqueued again (once the queue answers), and
+/// the copy's id replaces the original's, so the checker follows the copy.
+async fn send_again(queue: Queue, ids: Arc<Mutex<Vec<(String, NewJob)>>>) {
+    let sent: Vec<NewJob> = ids.lock().unwrap().iter().map(|(_, j)| j.clone()).collect();
+    for (start, batch) in (0..sent.len())
+        .step_by(50)
+        .map(|i| (i, &sent[i..(i + 50).min(sent.len())]))
+    {
+        let new = loop {
+            match queue.enqueue_many(batch).await {
+                Ok(new) => break new,
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        };
+        let mut ids = ids.lock().unwrap();
+        for (i, id) in new.into_iter().enumerate() {
+            ids[start + i].0 = id;
+        }
+    }
 }
 
 async fn run_steps(steps: Vec<(Duration, Vec<&'static str>)>) {

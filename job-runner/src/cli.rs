@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use fencelock::{Redlock, RetryPolicy, WatchdogConfig};
+use fencelock::{Redlock, RetryPolicy};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, FileConfig, LogFormat, Overrides, Settings, redact};
@@ -98,6 +98,23 @@ pub struct GlobalArgs {
         value_name = "NAME"
     )]
     pub queue_name: Option<String>,
+    /// The largest job, in bytes, that `enqueue` writes and `run` runs; larger entries
+    /// found in the queue are dead-lettered unparsed [default: 1048576]
+    #[arg(
+        long,
+        global = true,
+        env = "JOB_RUNNER_MAX_PAYLOAD_BYTES",
+        value_name = "BYTES"
+    )]
+    pub max_payload_bytes: Option<usize>,
+    /// The most dead letters kept; writing one more drops the oldest [default: 100000]
+    #[arg(
+        long,
+        global = true,
+        env = "JOB_RUNNER_MAX_DEAD_LETTERS",
+        value_name = "N"
+    )]
+    pub max_dead_letters: Option<u64>,
     /// Lock nodes, comma-separated Redis URLs.
     #[arg(
         long,
@@ -205,6 +222,15 @@ pub struct RunArgs {
     /// An exec job kind and the shell command it runs, e.g. `report=./report.sh` (repeatable).
     #[arg(long = "exec", value_name = "KIND=COMMAND", value_parser = parse_exec)]
     pub exec: Vec<(String, String)>,
+    /// The runner's environment variables exec commands get besides the job's own; all
+    /// others are withheld [default: PATH,HOME,LANG,LC_ALL,TZ,TMPDIR]
+    #[arg(
+        long,
+        env = "JOB_RUNNER_EXEC_ENV",
+        value_name = "NAME,...",
+        value_delimiter = ','
+    )]
+    pub exec_env: Option<Vec<String>>,
     /// Print the settings in force, as TOML, and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -276,6 +302,10 @@ pub struct LockExecArgs {
     /// How long to wait for the lock, in seconds; 0 tries once.
     #[arg(long, default_value_t = 30)]
     pub wait_secs: u64,
+    /// The longest the lock is held, in seconds: a command still running then gets
+    /// SIGTERM and the exit code is 75, as for a lost lock.
+    #[arg(long, default_value_t = 3600)]
+    pub max_hold_secs: u64,
     /// Seconds between SIGTERM and SIGKILL when the child must stop.
     #[arg(long, default_value_t = 5)]
     pub kill_grace_secs: u64,
@@ -305,6 +335,8 @@ impl Cli {
                 .or_else(|| env("JOB_RUNNER_QUEUE")),
             redis_url: env("REDIS_URL"),
             queue_name: self.global.queue_name.clone(),
+            max_payload_bytes: self.global.max_payload_bytes,
+            max_dead_letters: self.global.max_dead_letters,
             lock_nodes: self.global.lock_nodes.clone(),
             log_format: self.global.log_format,
             ..Overrides::default()
@@ -327,6 +359,7 @@ impl Cli {
             o.gateway_latency_ms = run.gateway_latency_ms;
             o.gateway_failure_rate = run.gateway_failure_rate;
             o.exec = run.exec.clone();
+            o.exec_env = run.exec_env.clone();
         }
         Settings::resolve(o, file)
     }
@@ -447,6 +480,10 @@ pub async fn dispatch(
 async fn connect_queue(settings: &Settings, consumer: &str) -> Result<Queue, Exit> {
     Queue::connect(&settings.queue, &settings.queue_name, consumer)
         .await
+        .map(|q| {
+            q.max_entry_bytes(settings.max_payload_bytes)
+                .max_dead(settings.max_dead_letters)
+        })
         .map_err(|e| {
             Exit::new(
                 EX_UNAVAILABLE,
@@ -513,7 +550,13 @@ pub async fn run(
         .with("payment", PaymentHandler::new(ledger, gateway))
         .with("noop", Noop);
     if !settings.exec.is_empty() {
-        let exec = ExecHandler::new(settings.exec.clone());
+        let mut exec =
+            ExecHandler::new(settings.exec.clone()).env_allow(settings.exec_env.iter().cloned());
+        // This is the binary (the library's users build their own runner), so it can
+        // supervise its own commands.
+        if let Ok(me) = std::env::current_exe() {
+            exec = exec.supervisor(me);
+        }
         for kind in settings.exec.keys() {
             handlers.insert(kind.clone(), exec.clone());
         }
@@ -736,7 +779,13 @@ async fn lock_exec(
     };
     let token = guard.fencing_token().unwrap_or_default();
     tracing::info!(resource = %args.resource, token, "lock taken; running the command");
-    let watchdog = guard.auto_extend_with(WatchdogConfig::default().cancel_on_loss(false));
+    let watchdog = guard.auto_extend_with(
+        crate::worker::watchdog_for(
+            Duration::from_secs(args.max_hold_secs),
+            Duration::from_millis(args.ttl_ms),
+        )
+        .cancel_on_loss(false),
+    );
     let health = watchdog.health();
     let cancel = CancellationToken::new();
     let env = [

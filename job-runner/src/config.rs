@@ -105,6 +105,12 @@ pub struct FileConfig {
     pub gateway_failure_rate: Option<f64>,
     /// Command (program and arguments) per exec job kind.
     pub exec: Option<BTreeMap<String, Vec<String>>>,
+    /// The runner's environment variables exec commands get (all others are withheld).
+    pub exec_env: Option<Vec<String>>,
+    /// The largest job entry, in bytes, enqueued or run.
+    pub max_payload_bytes: Option<usize>,
+    /// The most dead letters kept; the oldest beyond it are dropped.
+    pub max_dead_letters: Option<u64>,
 }
 
 impl FileConfig {
@@ -175,6 +181,12 @@ pub struct Overrides {
     pub gateway_failure_rate: Option<f64>,
     /// `--exec KIND=COMMAND`, run through `sh -c`.
     pub exec: Vec<(String, String)>,
+    /// `--exec-env NAME,...`.
+    pub exec_env: Option<Vec<String>>,
+    /// `--max-payload-bytes`.
+    pub max_payload_bytes: Option<usize>,
+    /// `--max-dead-letters`.
+    pub max_dead_letters: Option<u64>,
 }
 
 /// The settings in force, after precedence and checks.
@@ -223,6 +235,15 @@ pub struct Settings {
     pub gateway_failure_rate: f64,
     /// Commands per exec kind (default none).
     pub exec: BTreeMap<String, Vec<String>>,
+    /// The runner's environment variables exec commands get, besides the job's own
+    /// (default `PATH`, `HOME`, `LANG`, `LC_ALL`, `TZ`, `TMPDIR`).
+    pub exec_env: Vec<String>,
+    /// The largest job entry, in bytes, that `enqueue` writes and `run` parses (default
+    /// 1 MiB): larger entries found in the queue are dead-lettered unparsed.
+    pub max_payload_bytes: usize,
+    /// The most dead letters kept (default 100 000); writing one more drops the oldest,
+    /// counted in `job_runner_dead_letters_dropped_total`.
+    pub max_dead_letters: u64,
 }
 
 /// The longest job timeout: a week. Longer is a mistake (a unit mix-up, say), and would
@@ -314,6 +335,20 @@ impl Settings {
                 .or(f.gateway_failure_rate)
                 .unwrap_or(0.0),
             exec,
+            max_dead_letters: o
+                .max_dead_letters
+                .or(f.max_dead_letters)
+                .unwrap_or(crate::queue::DEFAULT_MAX_DEAD),
+            max_payload_bytes: o
+                .max_payload_bytes
+                .or(f.max_payload_bytes)
+                .unwrap_or(crate::queue::DEFAULT_MAX_ENTRY_BYTES),
+            exec_env: o.exec_env.or(f.exec_env).unwrap_or_else(|| {
+                crate::exec::DEFAULT_ENV_ALLOW
+                    .iter()
+                    .map(|&v| v.to_owned())
+                    .collect()
+            }),
         };
         s.check()?;
         Ok(s)
@@ -326,6 +361,31 @@ impl Settings {
                 .map_err(|e| ConfigError::new(key, format!("`{url}` is not a Redis URL: {e}")))
         };
         url("queue", &self.queue)?;
+        if self.max_dead_letters == 0 {
+            return Err(ConfigError::new(
+                "max_dead_letters",
+                "must be at least 1".to_owned(),
+            ));
+        }
+        if !(256..=512 * 1024 * 1024).contains(&self.max_payload_bytes) {
+            return Err(ConfigError::new(
+                "max_payload_bytes",
+                format!(
+                    "must be 256..=536870912 (512 MiB, Redis's own limit), got {}",
+                    self.max_payload_bytes
+                ),
+            ));
+        }
+        if let Some(bad) = self
+            .exec_env
+            .iter()
+            .find(|v| v.is_empty() || v.contains('=') || v.contains('\0'))
+        {
+            return Err(ConfigError::new(
+                "exec_env",
+                format!("`{bad}` is not an environment variable name"),
+            ));
+        }
         for node in &self.lock_nodes {
             url("lock_nodes", node)?;
         }

@@ -17,6 +17,14 @@ pub struct Job {
     pub attempt: u32,
     /// When it was first enqueued, in ms since the Unix epoch.
     pub enqueued_at_ms: u64,
+    /// How many times in a row it was put back because its lock was held elsewhere: each
+    /// time it waits longer before it tries again. Back to 0 once it gets its lock.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub requeues: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A job to enqueue.

@@ -296,7 +296,10 @@ impl Ledger {
         loop {
             let setup = conn
                 .pragma_update(None, "journal_mode", "WAL")
-                .and_then(|()| conn.pragma_update(None, "synchronous", "NORMAL"))
+                // FULL: in WAL mode NORMAL may lose the last commits on a power loss, and
+                // a lost `paid` commit whose job was acknowledged is a lost payment (or a
+                // second charge, by a later duplicate). It costs one fsync per commit.
+                .and_then(|()| conn.pragma_update(None, "synchronous", "FULL"))
                 .and_then(|()| conn.execute_batch(SCHEMA));
             match setup {
                 Err(rusqlite::Error::SqliteFailure(e, _))
@@ -349,9 +352,11 @@ impl Ledger {
     }
 
     /// Starts a holder's work on `order_id`: creates the order as pending if it is new,
-    /// rejects a token older than the fence, raises the fence to the token, and says where
-    /// the order stands (logging the attempt when it is already paid). Raising the fence at the start means that a holder that paused
-    /// cannot commit even if the newer holder has not committed yet.
+    /// says so when it is already paid (logging the attempt), whatever the token (a paid
+    /// order is done, and a duplicate of its job succeeds rather than retrying as
+    /// stale); otherwise rejects a token older than the fence and raises the fence to the
+    /// token. Raising the fence at the start means that a holder that paused cannot commit
+    /// even if the newer holder has not committed yet.
     ///
     /// # Errors
     ///
@@ -371,7 +376,20 @@ impl Ledger {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
         let token = writer.token as i64;
-        if self.inner.fencing && token < fence {
+        let stale = self.inner.fencing && token < fence;
+        if status == "paid" {
+            // A duplicate: logged, so the audit sees every holder that touched the order
+            // (as stale when its token is, since it was not the order's newest holder).
+            let logged = if stale {
+                Outcome::StaleRejected
+            } else {
+                Outcome::AlreadyPaid
+            };
+            log_attempt(&tx, order_id, writer, logged)?;
+            tx.commit()?;
+            return Ok(Begin::AlreadyPaid);
+        }
+        if stale {
             log_attempt(&tx, order_id, writer, Outcome::StaleRejected)?;
             tx.commit()?;
             return Ok(Begin::Stale {
@@ -384,22 +402,16 @@ impl Ledger {
                 params![order_id, token],
             )?;
         }
-        let paid = status == "paid";
-        if paid {
-            // A duplicate: logged, so the audit sees every holder that touched the order.
-            log_attempt(&tx, order_id, writer, Outcome::AlreadyPaid)?;
-        }
         tx.commit()?;
-        Ok(if paid {
-            Begin::AlreadyPaid
-        } else {
-            Begin::Pending
-        })
+        Ok(Begin::Pending)
     }
 
-    /// The final write of a charge, in one transaction: rejects a token older than the
-    /// fence; an order already paid stays as it is; otherwise marks it paid with the
-    /// token, the worker and the gateway's charge id. The attempt is logged either way.
+    /// The final write of a charge, in one transaction: an order already paid stays as it
+    /// is (logged as a stale attempt if the token is older than the fence); otherwise a
+    /// token older than the fence is rejected, or the order is marked paid with the
+    /// token, the worker and the gateway's charge id. The attempt is logged either way. This transaction is synced to disk before it returns (`synchronous =
+    /// FULL`), since its job is acknowledged next: a power loss must not undo a payment
+    /// whose job is gone.
     ///
     /// # Errors
     ///
@@ -418,12 +430,12 @@ impl Ledger {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
         let token = writer.token as i64;
-        let outcome = if self.inner.fencing && token < fence {
+        let outcome = if status == "paid" {
+            Commit::AlreadyPaid
+        } else if self.inner.fencing && token < fence {
             Commit::Stale {
                 fence: fence as u64,
             }
-        } else if status == "paid" {
-            Commit::AlreadyPaid
         } else {
             tx.execute(
                 "UPDATE orders SET status = 'paid', fence = max(fence, ?2), paid_token = ?2,
@@ -435,6 +447,7 @@ impl Ledger {
         };
         let logged = match outcome {
             Commit::Charged => Outcome::Charged,
+            Commit::AlreadyPaid if self.inner.fencing && token < fence => Outcome::StaleRejected,
             Commit::AlreadyPaid => Outcome::AlreadyPaid,
             Commit::Stale { .. } => Outcome::StaleRejected,
         };
@@ -753,15 +766,16 @@ mod tests {
             ledger.commit(1, "ch_1", writer(6, 2)).unwrap(),
             Commit::Charged
         );
-        // The paused holder wakes up and tries to commit.
+        // The paused holder wakes up and tries to commit: the order is paid, so it is
+        // done, and its attempt is logged as stale.
         assert_eq!(
             ledger.commit(1, "ch_1", writer(5, 1)).unwrap(),
-            Commit::Stale { fence: 6 }
+            Commit::AlreadyPaid
         );
-        // And a stale holder cannot even begin.
+        // So is a stale holder's begin.
         assert_eq!(
             ledger.begin(1, 500, writer(4, 3)).unwrap(),
-            Begin::Stale { fence: 6 }
+            Begin::AlreadyPaid
         );
         let order = ledger.order(1).unwrap().unwrap();
         assert!(order.paid);
@@ -770,6 +784,47 @@ mod tests {
         assert_eq!(audit.charged, 1);
         assert_eq!(audit.stale_rejected, 2);
         assert_eq!(audit.violations(), 0, "{audit}");
+        std::fs::remove_file(path).ok();
+    }
+
+    /// A `paid` commit is on disk before its job is acknowledged: in WAL mode only
+    /// `synchronous = FULL` (2) syncs each commit.
+    #[test]
+    fn commits_are_synced_before_they_return() {
+        let (ledger, path) = temp_ledger(true);
+        let level: i64 = ledger
+            .conn()
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap();
+        assert_eq!(level, 2, "synchronous is {level}, not FULL (2)");
+        std::fs::remove_file(path).ok();
+    }
+
+    /// A duplicate job whose token is below the fence of an order that is paid (its
+    /// tokens came from a lock whose counter is behind) is done, not retried as stale
+    /// until it is dead-lettered.
+    #[test]
+    fn a_paid_order_reports_already_paid_before_stale() {
+        let (ledger, path) = temp_ledger(true);
+        ledger.begin(7, 700, writer(271, 1)).unwrap();
+        assert_eq!(
+            ledger.commit(7, "c", writer(271, 1)).unwrap(),
+            Commit::Charged
+        );
+        for token in [1, 10, 19] {
+            assert_eq!(
+                ledger.begin(7, 700, writer(token, 2)).unwrap(),
+                Begin::AlreadyPaid,
+                "token {token}"
+            );
+            assert_eq!(
+                ledger.commit(7, "c", writer(token, 2)).unwrap(),
+                Commit::AlreadyPaid,
+                "token {token}"
+            );
+        }
+        let audit = ledger.audit().unwrap();
+        assert_eq!((audit.charged, audit.violations()), (1, 0), "{audit}");
         std::fs::remove_file(path).ok();
     }
 

@@ -5,6 +5,13 @@ use clap::Parser;
 use job_runner::cli::{self, Cli, EX_CONFIG};
 
 fn main() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args
+        .get(1)
+        .is_some_and(|a| a == job_runner::exec::SUPERVISE)
+    {
+        job_runner::exec::supervise(&args[2..]);
+    }
     let cli = Cli::parse();
     let settings = match cli.settings() {
         Ok(settings) => settings,

@@ -222,6 +222,15 @@ impl<G: Gateway> Handler for PaymentHandler<G> {
                 "payment payload must be {{\"order_id\": int, \"amount_cents\": int}}: {e}"
             ))
         })?;
+        // The fence is per order, so the lock must be too: tokens of another resource's
+        // lock come from another counter, and would fence this order wrongly either way.
+        let resource = format!("order:{}", payment.order_id);
+        if job.resource != resource {
+            return Err(HandlerError::permanent(format!(
+                "a payment of order {} must run under the lock `{resource}`, not `{}`",
+                payment.order_id, job.resource
+            )));
+        }
         if payment.amount_cents <= 0 {
             return Err(HandlerError::permanent(format!(
                 "amount_cents must be positive, got {}",
@@ -246,6 +255,20 @@ impl<G: Gateway> Handler for PaymentHandler<G> {
         match begin {
             Begin::AlreadyPaid => return Ok(()),
             Begin::Stale { fence } => {
+                if matches!(ctx.lock.state(), fencelock::LockState::Held) {
+                    // A stale holder has lost its lock; this one holds it. So the lock
+                    // nodes hand out tokens below ones they handed out before.
+                    metrics::counter!(crate::telemetry::names::FENCE_REGRESSIONS).increment(1);
+                    tracing::error!(
+                        token,
+                        fence,
+                        order = payment.order_id,
+                        "fencing token below the order's fence although this runner holds the \
+                         order's lock: the lock nodes' token counters went backwards (did a \
+                         majority lose its data?); every such order is rejected until they \
+                         pass the fence"
+                    );
+                }
                 return Err(HandlerError::transient(format!(
                     "fencing token {token} is stale: order {} has seen token {fence}",
                     payment.order_id

@@ -8,20 +8,24 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use metrics::counter;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::streams::{
-    StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamPendingCountReply,
-    StreamReadOptions, StreamReadReply,
-};
+use redis::streams::StreamPendingCountReply;
 use redis::{AsyncCommands, Script};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::job::{self, Job, Malformed, NewJob};
+use crate::telemetry::names;
+
+mod entries;
+
+use entries::RawEntry;
+pub use entries::decode_dead_fields;
 
 static DEAD_LETTER: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/dead_letter.lua")));
@@ -31,7 +35,14 @@ static PROMOTE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/promote.lua")));
 static DEAD_RETRY: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/dead_retry.lua")));
+static ACK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/ack.lua")));
 static TOUCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/touch.lua")));
+
+/// The largest job entry [`Queue::enqueue`] writes and a fetch parses, by default.
+pub const DEFAULT_MAX_ENTRY_BYTES: usize = 1024 * 1024;
+
+/// The most dead letters a queue keeps, by default.
+pub const DEFAULT_MAX_DEAD: u64 = 100_000;
 
 /// The longest [`Queue::fetch`] blocks; its connection's response timeout is set above it.
 pub const MAX_FETCH_BLOCK: Duration = Duration::from_secs(5);
@@ -74,14 +85,18 @@ pub struct Delivery {
     /// The stream entry id, for ack, retry and dead-letter.
     pub entry_id: String,
     /// The entry's raw `job` field, kept for the dead-letter stream. An entry without a
-    /// UTF-8 `job` field keeps all its fields here instead, as a JSON object, so that the
-    /// dead letter still shows what was sent.
+    /// UTF-8 `job` field has a readable summary of all its fields here instead (a JSON
+    /// object, lossily decoded, each field cut to 1 KiB); its dead letter also keeps the
+    /// exact bytes (see [`decode_dead_fields`]).
     pub raw: String,
     /// The parsed job.
     pub job: Result<Job, Malformed>,
     /// How many times the group has handed this entry out, this time included: 1 for a
     /// fresh fetch, more when it was reclaimed from consumers that crashed or stalled.
     pub deliveries: u64,
+    /// Whether its dead letter keeps the entry's exact fields: for an entry that is not a
+    /// job, unless it is over the size limit (then only its bounded summary is kept).
+    keep_fields: bool,
 }
 
 /// What one [`Queue::reclaim`] took over.
@@ -109,8 +124,34 @@ pub struct Queue {
     stream: String,
     delayed: String,
     dead: String,
+    epoch_key: String,
     group: String,
     consumer: String,
+    seen: Arc<Mutex<Seen>>,
+    max_entry_bytes: usize,
+    max_dead: u64,
+}
+
+/// What this process has seen of the queue node, to notice that it lost data.
+#[derive(Debug, Default)]
+struct Seen {
+    /// The queue's epoch: a random value written when the queue is created, which an
+    /// empty node no longer has.
+    epoch: Option<String>,
+    /// The newest entry id this process enqueued or was handed. A node whose stream ends
+    /// before it came back with older data.
+    high_water: (u64, u64),
+}
+
+/// How a queue node lost data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loss {
+    /// Its epoch is gone or another (restarted empty, or restored from before the queue
+    /// existed); or its consumer group is gone.
+    Wiped,
+    /// Its stream ends before entries this process saw (restored from an older snapshot,
+    /// or the tail of its append-only file was lost).
+    RolledBack,
 }
 
 impl fmt::Debug for Queue {
@@ -160,24 +201,171 @@ impl Queue {
         .map_err(QueueError::on("connect"))?;
         let stream = format!("{name}:jobs");
         let group = format!("{name}-workers");
-        let created: Result<(), _> = conn.xgroup_create_mkstream(&stream, &group, "0").await;
-        if let Err(e) = created
-            && e.code() != Some("BUSYGROUP")
-        {
-            return Err(QueueError::on("create group")(e));
-        }
+        check_persistence(&mut conn).await;
         let (acks, rx) = mpsc::unbounded_channel();
-        tokio::spawn(ack_batches(conn.clone(), stream.clone(), group.clone(), rx));
-        Ok(Queue {
+        tokio::spawn(ack_batches(
+            conn.clone(),
+            stream.clone(),
+            group.clone(),
+            consumer.to_owned(),
+            rx,
+        ));
+        let queue = Queue {
             conn,
             blocking,
             acks,
             delayed: format!("{name}:delayed"),
             dead: format!("{name}:dead"),
+            epoch_key: format!("{name}:epoch"),
             stream,
             group,
             consumer: consumer.to_owned(),
-        })
+            seen: Arc::default(),
+            max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
+            max_dead: DEFAULT_MAX_DEAD,
+        };
+        queue.create().await?;
+        Ok(queue)
+    }
+
+    /// The largest job entry to write or parse (default [`DEFAULT_MAX_ENTRY_BYTES`]): an
+    /// enqueue of a larger job fails, and a larger entry found in the stream is
+    /// dead-lettered unparsed, with a bounded summary of its fields instead of a copy.
+    #[must_use]
+    pub fn max_entry_bytes(mut self, bytes: usize) -> Self {
+        self.max_entry_bytes = bytes;
+        self
+    }
+
+    /// The most dead letters kept (default [`DEFAULT_MAX_DEAD`], at least 1): writing
+    /// one more drops the oldest, counted in `job_runner_dead_letters_dropped_total` and
+    /// logged, so that a flood of bad jobs cannot fill the queue node's memory.
+    #[must_use]
+    pub fn max_dead(mut self, n: u64) -> Self {
+        self.max_dead = n.max(1);
+        self
+    }
+
+    fn check_size(&self, raw: &str) -> Result<(), QueueError> {
+        if raw.len() <= self.max_entry_bytes {
+            return Ok(());
+        }
+        Err(QueueError::on("enqueue")(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "job too large",
+            format!(
+                "{} bytes, more than the limit of {} (max_payload_bytes)",
+                raw.len(),
+                self.max_entry_bytes
+            ),
+        ))))
+    }
+
+    /// Creates the stream and the group (from the stream's start) if they are missing,
+    /// and the epoch if it is missing; adopts the epoch in place.
+    async fn create(&self) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let created: Result<(), _> = conn
+            .xgroup_create_mkstream(&self.stream, &self.group, "0")
+            .await;
+        if let Err(e) = created
+            && e.code() != Some("BUSYGROUP")
+        {
+            return Err(QueueError::on("create group")(e));
+        }
+        let fresh = format!("{:032x}", SmallRng::from_os_rng().random::<u128>());
+        let (epoch,): (String,) = redis::pipe()
+            .cmd("SET")
+            .arg(&self.epoch_key)
+            .arg(fresh)
+            .arg("NX")
+            .ignore()
+            .get(&self.epoch_key)
+            .query_async(&mut conn)
+            .await
+            .map_err(QueueError::on("create epoch"))?;
+        self.seen.lock().expect("never poisoned").epoch = Some(epoch);
+        Ok(())
+    }
+
+    /// Reports a loss of queue data loudly (an error line and
+    /// `job_runner_queue_data_lost_total{what}`), and recreates what the queue needs.
+    async fn lost(&self, loss: Loss, detail: String) -> Result<(), QueueError> {
+        let what = match loss {
+            Loss::Wiped => "wiped",
+            Loss::RolledBack => "rolled_back",
+        };
+        counter!(names::QUEUE_DATA_LOST, "what" => what).increment(1);
+        tracing::error!(
+            queue = %self.stream,
+            what,
+            "the queue node lost data: {detail}; check its persistence (appendonly yes, appendfsync always)"
+        );
+        if loss == Loss::Wiped {
+            self.seen.lock().expect("never poisoned").high_water = (0, 0);
+        }
+        self.create().await
+    }
+
+    /// Compares what the queue node holds with what this process saw, and reports a loss.
+    async fn observe(
+        &self,
+        epoch: Option<String>,
+        last_id: Option<String>,
+    ) -> Result<(), QueueError> {
+        let last = last_id
+            .as_deref()
+            .and_then(entries::parse_id)
+            .unwrap_or((0, 0));
+        let (loss, detail) = {
+            let mut seen = self.seen.lock().expect("never poisoned");
+            if epoch != seen.epoch {
+                (
+                    Loss::Wiped,
+                    "its queue epoch is gone or changed (it restarted empty, or was restored \
+                     from before the queue existed): every job that waited, was delayed or \
+                     ran there before is gone, dead letters too; the consumer group is \
+                     recreated from the start of the stream"
+                        .to_owned(),
+                )
+            } else if last < seen.high_water {
+                let (hm, hs) = seen.high_water;
+                seen.high_water = last;
+                (
+                    Loss::RolledBack,
+                    format!(
+                        "its stream ends at {}-{} but this process saw entries up to {hm}-{hs} \
+                         (it came back with older data): jobs enqueued after {}-{} are lost, \
+                         and jobs finished since then may run again",
+                        last.0, last.1, last.0, last.1
+                    ),
+                )
+            } else {
+                return Ok(());
+            }
+        };
+        self.lost(loss, detail).await
+    }
+
+    /// Notes an entry id this process enqueued or was handed.
+    fn saw(&self, id: &str) {
+        if let Some(id) = entries::parse_id(id) {
+            let mut seen = self.seen.lock().expect("never poisoned");
+            seen.high_water = seen.high_water.max(id);
+        }
+    }
+
+    /// The group is missing: the node lost its data (or someone deleted it).
+    async fn group_missing(&self, operation: &str) -> Result<(), QueueError> {
+        self.lost(
+            Loss::Wiped,
+            format!(
+                "{operation} found no consumer group (the node restarted empty, or the group \
+                 was deleted): every job that waited, was delayed or ran there before is \
+                 gone, dead letters too; the group is recreated from the start of the stream"
+            ),
+        )
+        .await
     }
 
     /// Adds a job; returns its id.
@@ -187,11 +375,13 @@ impl Queue {
     /// When the queue's Redis fails.
     pub async fn enqueue(&self, new: &NewJob) -> Result<String, QueueError> {
         let (id, raw) = new_entry(new);
+        self.check_size(&raw)?;
         let mut conn = self.conn.clone();
-        let _: String = conn
+        let entry: String = conn
             .xadd(&self.stream, "*", &[("job", raw)])
             .await
             .map_err(QueueError::on("enqueue"))?;
+        self.saw(&entry);
         Ok(id)
     }
 
@@ -210,14 +400,18 @@ impl Queue {
         let mut ids = Vec::with_capacity(jobs.len());
         for new in jobs {
             let (id, raw) = new_entry(new);
-            pipe.xadd(&self.stream, "*", &[("job", raw)]).ignore();
+            self.check_size(&raw)?;
+            pipe.xadd(&self.stream, "*", &[("job", raw)]);
             ids.push(id);
         }
         let mut conn = self.conn.clone();
-        let () = pipe
+        let entries: Vec<String> = pipe
             .query_async(&mut conn)
             .await
             .map_err(QueueError::on("enqueue"))?;
+        if let Some(last) = entries.last() {
+            self.saw(last);
+        }
         Ok(ids)
     }
 
@@ -234,20 +428,35 @@ impl Queue {
     /// pending for this consumer until another consumer reclaims them after the visibility
     /// timeout. Nothing is lost, but they are late.
     pub async fn fetch(&self, count: usize, block: Duration) -> Result<Vec<Delivery>, QueueError> {
-        let options = StreamReadOptions::default()
-            .group(&self.group, &self.consumer)
-            .count(count)
-            .block(block.min(MAX_FETCH_BLOCK).as_millis() as usize);
         let mut conn = self.blocking.clone();
-        let reply: Option<StreamReadReply> = conn
-            .xread_options(&[&self.stream], &[">"], &options)
-            .await
-            .map_err(QueueError::on("fetch"))?;
-        Ok(reply
+        // Read as bytes: whatever an entry holds must not make the reply undecodable.
+        let reply: Result<redis::Value, _> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(count.max(1))
+            .arg("BLOCK")
+            .arg(block.min(MAX_FETCH_BLOCK).as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&self.stream)
+            .arg(">")
+            .query_async(&mut conn)
+            .await;
+        let reply = match reply {
+            Err(e) if e.code() == Some("NOGROUP") => {
+                self.group_missing("a fetch").await?;
+                return Ok(Vec::new());
+            }
+            other => other.map_err(QueueError::on("fetch"))?,
+        };
+        let entries = entries::read_reply(reply).map_err(QueueError::on("fetch"))?;
+        if let Some(last) = entries.last() {
+            self.saw(&last.id);
+        }
+        Ok(entries
             .into_iter()
-            .flat_map(|r| r.keys)
-            .flat_map(|k| k.ids)
-            .map(delivery)
+            .map(|e| delivery(e, self.max_entry_bytes))
             .collect())
     }
 
@@ -267,18 +476,32 @@ impl Queue {
         cursor: &str,
     ) -> Result<Reclaimed, QueueError> {
         let mut conn = self.conn.clone();
-        let reply: StreamAutoClaimReply = conn
-            .xautoclaim_options(
-                &self.stream,
-                &self.group,
-                &self.consumer,
-                visibility.as_millis() as u64,
-                cursor,
-                StreamAutoClaimOptions::default().count(count),
-            )
-            .await
-            .map_err(QueueError::on("reclaim"))?;
-        let mut entries: Vec<Delivery> = reply.claimed.into_iter().map(delivery).collect();
+        let reply: Result<redis::Value, _> = redis::cmd("XAUTOCLAIM")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg(visibility.as_millis() as u64)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(count.max(1))
+            .query_async(&mut conn)
+            .await;
+        let reply = match reply {
+            Err(e) if e.code() == Some("NOGROUP") => {
+                self.group_missing("a reclaim").await?;
+                return Ok(Reclaimed {
+                    entries: Vec::new(),
+                    cursor: "0-0".into(),
+                });
+            }
+            other => other.map_err(QueueError::on("reclaim"))?,
+        };
+        let reply = entries::autoclaim_reply(reply).map_err(QueueError::on("reclaim"))?;
+        let mut entries: Vec<Delivery> = reply
+            .entries
+            .into_iter()
+            .map(|e| delivery(e, self.max_entry_bytes))
+            .collect();
         if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
             // XAUTOCLAIM does not say how often an entry was handed out; the pending list
             // does. The claimed entries are in id order, so one range covers them all.
@@ -306,7 +529,7 @@ impl Queue {
         }
         Ok(Reclaimed {
             entries,
-            cursor: reply.next_stream_id,
+            cursor: reply.cursor,
         })
     }
 
@@ -331,12 +554,11 @@ impl Queue {
             .map_err(QueueError::on("touch"))
     }
 
-    /// Retires a done entry.
-    ///
-    /// Unlike [`retry_later`](Self::retry_later) and [`dead_letter`](Self::dead_letter),
-    /// this does not check that the entry is still this consumer's: it is called only once
-    /// the job is done, and a done job's entry may be retired by whoever ran it. Acks stay
-    /// plain `XACK`s, batched, on the hot path.
+    /// Retires a done entry, if it is still this consumer's. Returns false, having done
+    /// nothing, when it is not: another consumer reclaimed it while this one stalled, and
+    /// the entry is that one's to retire (it may have scheduled a copy of the job already,
+    /// which a plain `XACK` from here would not undo). Acks made while one is in flight go
+    /// out together as one script call.
     ///
     /// # Errors
     ///
@@ -346,7 +568,7 @@ impl Queue {
     ///
     /// The ack is queued when the future is first polled and is sent whether or not the
     /// future is then dropped.
-    pub async fn ack(&self, entry_id: &str) -> Result<(), QueueError> {
+    pub async fn ack(&self, entry_id: &str) -> Result<bool, QueueError> {
         let (done, rx) = oneshot::channel();
         let sent = self.acks.send(Ack {
             entry_id: entry_id.to_owned(),
@@ -383,7 +605,6 @@ impl Queue {
         delay: Duration,
     ) -> Result<bool, QueueError> {
         let raw = serde_json::to_string(job).expect("a job serializes");
-        let due = now_ms() + delay.as_millis() as u64;
         let mut conn = self.conn.clone();
         let moved: i64 = RETRY_LATER
             .key(&self.stream)
@@ -391,7 +612,7 @@ impl Queue {
             .arg(&self.group)
             .arg(entry_id)
             .arg(raw)
-            .arg(due)
+            .arg(delay.as_millis() as u64)
             .arg(&self.consumer)
             .invoke_async(&mut conn)
             .await
@@ -399,7 +620,9 @@ impl Queue {
         Ok(moved == 1)
     }
 
-    /// Writes the entry to the dead-letter stream with `reason`, then retires it.
+    /// Writes the entry to the dead-letter stream with `reason`, then retires it. An entry
+    /// that is not a job keeps its exact fields in the dead letter's `fields` (see
+    /// [`decode_dead_fields`]).
     ///
     /// Returns false, having written nothing, when the entry is no longer pending for this
     /// consumer: another consumer reclaimed it while this one stalled, or it was already
@@ -410,7 +633,7 @@ impl Queue {
     /// When the queue's Redis fails; the entry then stays pending and is reclaimed later.
     pub async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<bool, QueueError> {
         let mut conn = self.conn.clone();
-        let id: Option<String> = DEAD_LETTER
+        let written: Option<(String, u64)> = DEAD_LETTER
             .key(&self.stream)
             .key(&self.dead)
             .arg(&self.group)
@@ -418,27 +641,48 @@ impl Queue {
             .arg(&delivery.raw)
             .arg(reason)
             .arg(&self.consumer)
+            .arg(if delivery.keep_fields { "1" } else { "0" })
+            .arg(self.max_dead)
             .invoke_async(&mut conn)
             .await
             .map_err(QueueError::on("dead-letter"))?;
-        Ok(id.is_some())
+        if let Some((_, dropped)) = written
+            && dropped > 0
+        {
+            counter!(names::DEAD_DROPPED).increment(dropped);
+            tracing::warn!(
+                dropped,
+                max = self.max_dead,
+                "the dead-letter stream is full: its oldest entries were dropped"
+            );
+        }
+        Ok(written.is_some())
     }
 
-    /// Moves delayed jobs that are due into the stream; returns how many.
+    /// Moves delayed jobs that are due, by the queue node's clock, into the stream;
+    /// returns how many.
+    ///
+    /// It also checks that the queue node has not lost data since this process last
+    /// looked: a node that restarted empty (its queue epoch is gone) or came back with
+    /// older data (its stream ends before entries this process enqueued or was handed)
+    /// is reported loudly, as an error line and `job_runner_queue_data_lost_total{what}`,
+    /// and the consumer group is recreated if it is missing.
     ///
     /// # Errors
     ///
     /// When the queue's Redis fails.
     pub async fn promote_due(&self, max: usize) -> Result<usize, QueueError> {
         let mut conn = self.conn.clone();
-        PROMOTE
+        let (moved, epoch, last_id): (usize, Option<String>, Option<String>) = PROMOTE
             .key(&self.stream)
             .key(&self.delayed)
-            .arg(now_ms())
+            .key(&self.epoch_key)
             .arg(max)
             .invoke_async(&mut conn)
             .await
-            .map_err(QueueError::on("promote"))
+            .map_err(QueueError::on("promote"))?;
+        self.observe(epoch, last_id).await?;
+        Ok(moved)
     }
 
     /// Entries delivered and not yet acknowledged, across all consumers.
@@ -512,12 +756,13 @@ impl Queue {
     /// When the queue's Redis fails.
     pub async fn stats(&self) -> Result<QueueStats, QueueError> {
         let mut conn = self.conn.clone();
-        let (groups, delayed, dead): (redis::Value, u64, u64) = redis::pipe()
+        let (groups, delayed, dead, len): (redis::Value, u64, u64, u64) = redis::pipe()
             .cmd("XINFO")
             .arg("GROUPS")
             .arg(&self.stream)
             .zcard(&self.delayed)
             .xlen(&self.dead)
+            .xlen(&self.stream)
             .query_async(&mut conn)
             .await
             .map_err(QueueError::on("stats"))?;
@@ -542,8 +787,14 @@ impl Queue {
                         .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
                         .unwrap_or(0)
                 };
-                stats.depth = int("lag");
                 stats.pending = int("pending");
+                // Redis cannot tell the lag once entries after the oldest pending one were
+                // deleted (as retiring does) and reports nil. Every delivered entry is then
+                // pending or deleted, so the rest of the stream is the undelivered part.
+                stats.depth = fields
+                    .get("lag")
+                    .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
+                    .unwrap_or_else(|| len.saturating_sub(stats.pending));
                 stats.consumers = int("consumers");
             }
         }
@@ -691,35 +942,45 @@ fn new_entry(new: &NewJob) -> (String, String) {
         payload: new.payload.clone(),
         attempt: 0,
         enqueued_at_ms: now_ms(),
+        requeues: 0,
     };
     let raw = serde_json::to_string(&job).expect("a job serializes");
     (job.id, raw)
 }
 
-fn delivery(entry: StreamId) -> Delivery {
-    let raw: Option<String> = entry.get("job");
-    let job = match &raw {
-        None if entry.map.contains_key("job") => Err(Malformed {
-            reason: "the entry's `job` field is not UTF-8 text".into(),
-        }),
-        raw => job::parse(raw.as_deref()),
+fn delivery(entry: RawEntry, max_bytes: usize) -> Delivery {
+    let size: usize = entry.fields.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if size > max_bytes {
+        return Delivery {
+            job: Err(Malformed {
+                reason: format!(
+                    "the entry is {size} bytes, more than the limit of {max_bytes} \
+                     (max_payload_bytes); only a summary of it is kept"
+                ),
+            }),
+            raw: entries::summary(&entry.fields),
+            entry_id: entry.id,
+            deliveries: 1,
+            keep_fields: false,
+        };
+    }
+    let job_field = entry
+        .fields
+        .iter()
+        .find(|(name, _)| name.as_slice() == b"job")
+        .map(|(_, value)| value);
+    let (raw, job) = match job_field.map(|v| std::str::from_utf8(v)) {
+        Some(Ok(text)) => (text.to_owned(), job::parse(Some(text))),
+        Some(Err(_)) => (
+            entries::summary(&entry.fields),
+            Err(Malformed {
+                reason: "the entry's `job` field is not UTF-8 text".into(),
+            }),
+        ),
+        None => (entries::summary(&entry.fields), job::parse(None)),
     };
-    let raw = raw.unwrap_or_else(|| {
-        // Nothing to parse: keep every field, lossily decoded, for the dead letter.
-        let fields: serde_json::Map<String, serde_json::Value> = entry
-            .map
-            .iter()
-            .map(|(k, v)| {
-                let text = match v {
-                    redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-                    other => format!("{other:?}"),
-                };
-                (k.clone(), serde_json::Value::String(text))
-            })
-            .collect();
-        serde_json::Value::Object(fields).to_string()
-    });
     Delivery {
+        keep_fields: job.is_err(),
         job,
         raw,
         entry_id: entry.id,
@@ -727,31 +988,71 @@ fn delivery(entry: StreamId) -> Delivery {
     }
 }
 
+/// Warns when the queue node would lose acknowledged or enqueued jobs on a restart: with
+/// anything but an append-only file synced on every write, a restart loses the newest
+/// writes or all of them. Managed Redis often refuses `CONFIG`; that is only noted.
+async fn check_persistence(conn: &mut ConnectionManager) {
+    let reply: Result<(Vec<String>, Vec<String>), _> = redis::pipe()
+        .cmd("CONFIG")
+        .arg("GET")
+        .arg("appendonly")
+        .cmd("CONFIG")
+        .arg("GET")
+        .arg("appendfsync")
+        .query_async(conn)
+        .await;
+    match reply {
+        Ok((appendonly, appendfsync)) => {
+            let appendonly = appendonly.get(1).map_or("?", String::as_str);
+            let appendfsync = appendfsync.get(1).map_or("?", String::as_str);
+            if appendonly != "yes" || appendfsync != "always" {
+                tracing::warn!(
+                    appendonly,
+                    appendfsync,
+                    "the queue node does not sync every write to an append-only file: a \
+                     restart loses the newest writes or all of them (jobs enqueued, jobs \
+                     finished); run it with --appendonly yes --appendfsync always"
+                );
+            }
+        }
+        Err(e) => tracing::info!(error = %e, "could not check the queue node's persistence"),
+    }
+}
+
 /// One entry to acknowledge, and who waits for it.
 struct Ack {
     entry_id: String,
-    done: oneshot::Sender<Result<(), redis::RedisError>>,
+    done: oneshot::Sender<Result<bool, redis::RedisError>>,
 }
 
 /// The most entries one `XACK` carries.
 const MAX_ACK_BATCH: usize = 512;
 
-/// Sends the acks: at once when idle, and those made while an `XACK` is in flight as one
-/// `XACK` after it (group commit). Ends when every clone of the queue is gone.
+/// Sends the acks: at once when idle, and those made while one is in flight as one
+/// script call after it (group commit). Ends when every clone of the queue is gone.
 async fn ack_batches(
     mut conn: ConnectionManager,
     stream: String,
     group: String,
+    consumer: String,
     mut rx: mpsc::UnboundedReceiver<Ack>,
 ) {
     let mut batch = Vec::with_capacity(64);
     while rx.recv_many(&mut batch, MAX_ACK_BATCH).await > 0 {
         let ids: Vec<&str> = batch.iter().map(|a| a.entry_id.as_str()).collect();
-        let result: Result<u64, _> = conn.xack(&stream, &group, &ids).await;
-        for ack in batch.drain(..) {
-            let _ = ack
-                .done
-                .send(result.as_ref().map(drop).map_err(Clone::clone));
+        let result: Result<Vec<i64>, _> = ACK
+            .key(&stream)
+            .arg(&group)
+            .arg(&consumer)
+            .arg(&ids)
+            .invoke_async(&mut conn)
+            .await;
+        for (i, ack) in batch.drain(..).enumerate() {
+            let outcome = match &result {
+                Ok(done) => Ok(done.get(i) == Some(&1)),
+                Err(e) => Err(e.clone()),
+            };
+            let _ = ack.done.send(outcome);
         }
     }
 }

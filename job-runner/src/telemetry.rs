@@ -14,8 +14,9 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Metric names, all prefixed `job_runner_`.
 pub mod names {
-    /// Counter: jobs finished, by `kind` and `outcome` (`done`, `retried`, `dead`,
-    /// `requeued`, `interrupted`).
+    /// Counter: jobs finished, by `kind` (a kind this runner handles, `unknown` for any
+    /// other, `(malformed)` for entries that are not jobs) and `outcome` (`done`,
+    /// `retried`, `dead`, `requeued`, `interrupted`, `left_pending`, `taken_over`).
     pub const JOBS: &str = "job_runner_jobs_total";
     /// Histogram: seconds from lock acquired to handler finished, by `kind`.
     pub const JOB_DURATION: &str = "job_runner_job_duration_seconds";
@@ -41,6 +42,15 @@ pub mod names {
     pub const QUEUE_DELAYED: &str = "job_runner_queue_delayed";
     /// Gauge: entries in the dead-letter stream.
     pub const QUEUE_DEAD: &str = "job_runner_queue_dead";
+    /// Counter: times the queue node was found to have lost data, by `what` (`wiped`:
+    /// restarted empty; `rolled_back`: came back with older data).
+    pub const QUEUE_DATA_LOST: &str = "job_runner_queue_data_lost_total";
+    /// Counter: payments rejected as stale although their runner held the order's lock:
+    /// the lock nodes' token counters went backwards.
+    pub const FENCE_REGRESSIONS: &str = "job_runner_fence_regressions_total";
+    /// Counter: dead letters dropped, oldest first, to keep the dead-letter stream within
+    /// its limit (`max_dead_letters`).
+    pub const DEAD_DROPPED: &str = "job_runner_dead_letters_dropped_total";
     /// Gauge: jobs running in this process.
     pub const IN_FLIGHT: &str = "job_runner_jobs_in_flight";
 }
@@ -66,8 +76,13 @@ pub fn install_recorder() -> Option<PrometheusHandle> {
                 names::LOCK_EXTEND_FAILED,
                 names::LOCKS_LOST,
                 names::RECLAIMED,
+                names::FENCE_REGRESSIONS,
+                names::DEAD_DROPPED,
             ] {
                 metrics::counter!(name).absolute(0);
+            }
+            for what in ["wiped", "rolled_back"] {
+                metrics::counter!(names::QUEUE_DATA_LOST, "what" => what).absolute(0);
             }
             Some(handle)
         })
@@ -92,6 +107,8 @@ pub struct Health {
 struct HealthInner {
     last_beat_ms: AtomicU64,
     failures: AtomicU32,
+    reclaim_failures: AtomicU32,
+    promote_failures: AtomicU32,
     stopping: AtomicBool,
     stall_after: Duration,
 }
@@ -112,6 +129,8 @@ impl Health {
             inner: Arc::new(HealthInner {
                 last_beat_ms: AtomicU64::new(now_ms()),
                 failures: AtomicU32::new(0),
+                reclaim_failures: AtomicU32::new(0),
+                promote_failures: AtomicU32::new(0),
                 stopping: AtomicBool::new(false),
                 stall_after,
             }),
@@ -132,6 +151,24 @@ impl Health {
         self.beat();
     }
 
+    /// Reclaims and promotions are counted apart from fetches: a loop whose fetches
+    /// succeed while every reclaim fails leaves crashed runners' jobs stranded for good.
+    pub(crate) fn reclaim_done(&self, ok: bool) {
+        Self::count(&self.inner.reclaim_failures, ok);
+    }
+
+    pub(crate) fn promote_done(&self, ok: bool) {
+        Self::count(&self.inner.promote_failures, ok);
+    }
+
+    fn count(failures: &AtomicU32, ok: bool) {
+        if ok {
+            failures.store(0, Ordering::Relaxed);
+        } else {
+            failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     pub(crate) fn stopping(&self) {
         self.inner.stopping.store(true, Ordering::Relaxed);
     }
@@ -148,6 +185,16 @@ impl Health {
         let failures = self.inner.failures.load(Ordering::Relaxed);
         if failures >= 3 {
             return HealthStatus::Unhealthy(format!("last {failures} fetches failed"));
+        }
+        let failures = self.inner.reclaim_failures.load(Ordering::Relaxed);
+        if failures >= 3 {
+            return HealthStatus::Unhealthy(format!("last {failures} reclaims failed"));
+        }
+        let failures = self.inner.promote_failures.load(Ordering::Relaxed);
+        if failures >= 3 {
+            return HealthStatus::Unhealthy(format!(
+                "last {failures} promotions of delayed jobs failed"
+            ));
         }
         HealthStatus::Healthy
     }
@@ -233,6 +280,17 @@ mod tests {
             HealthStatus::Unhealthy("last 3 fetches failed".into())
         );
         health.fetch_ok();
+        assert_eq!(health.status(), HealthStatus::Healthy);
+        for _ in 0..3 {
+            health.reclaim_done(false);
+            health.fetch_ok();
+        }
+        assert_eq!(
+            health.status(),
+            HealthStatus::Unhealthy("last 3 reclaims failed".into()),
+            "fetches that succeed do not hide reclaims that fail"
+        );
+        health.reclaim_done(true);
         assert_eq!(health.status(), HealthStatus::Healthy);
         health.stopping();
         assert!(matches!(health.status(), HealthStatus::Unhealthy(_)));

@@ -56,7 +56,8 @@ struct Settings {
     lock_retry: RetryPolicy,
     visibility: Duration,
     job_timeout: Duration,
-    cancel_grace: Duration,
+    /// `None` until set: then derived from the visibility timeout at build.
+    cancel_grace: Option<Duration>,
     shutdown_timeout: Duration,
     max_attempts: u32,
     backoff_base: Duration,
@@ -72,9 +73,24 @@ impl Settings {
     /// shutdown (jobs finishing, then the rest cancelled, put back and unlocked) fits in
     /// the timeout a process supervisor allows before it kills the process.
     fn shutdown_wind_down(&self) -> Duration {
-        self.cancel_grace.min(self.shutdown_timeout / 5)
+        self.cancel_grace().min(self.shutdown_timeout / 5)
+    }
+
+    fn cancel_grace(&self) -> Duration {
+        self.cancel_grace.unwrap_or(DEFAULT_CANCEL_GRACE)
+    }
+
+    /// What the visibility timeout must cover besides the cancel grace: the lock TTL (a
+    /// stalled runner's lock must have expired before another runner reclaims its entry,
+    /// or that one would find the lock taken and schedule a copy of the job) and a third
+    /// of it (one extension period) as a margin.
+    fn visibility_floor(&self) -> Duration {
+        self.lock_ttl + self.lock_ttl / 3
     }
 }
+
+/// The cancel grace unless the visibility timeout is too short for it.
+const DEFAULT_CANCEL_GRACE: Duration = Duration::from_secs(10);
 
 /// Builds a [`Runner`]. Consuming setters; checked by [`build`](Self::build).
 ///
@@ -85,11 +101,11 @@ impl Settings {
 /// | [`lock_retry`](Self::lock_retry) | 2 retries, 50 ms + up to 100 ms jitter, then requeue |
 /// | [`visibility_timeout`](Self::visibility_timeout) | 30 s |
 /// | [`job_timeout`](Self::job_timeout) | 5 min |
-/// | [`cancel_grace`](Self::cancel_grace) | 10 s |
+/// | [`cancel_grace`](Self::cancel_grace) | 10 s, or less if the visibility timeout requires |
 /// | [`shutdown_timeout`](Self::shutdown_timeout) | 25 s |
 /// | [`max_attempts`](Self::max_attempts) | 5 |
 /// | [`backoff`](Self::backoff) | 1 s doubling, at most 60 s, full jitter |
-/// | [`requeue_delay`](Self::requeue_delay) | up to 250 ms, random |
+/// | [`requeue_delay`](Self::requeue_delay) | 125–250 ms, doubling per contended try, at most 5 s |
 /// | [`once`](Self::once) | false |
 #[derive(Debug)]
 #[must_use = "a builder does nothing until `build()`"]
@@ -122,8 +138,9 @@ impl RunnerBuilder {
     }
 
     /// How long an entry may go unacknowledged, with no sign of life from its worker,
-    /// before another runner reclaims it. Running jobs keep their entries fresh, so this
-    /// only bounds how long a crashed runner's jobs wait. Must exceed the lock TTL.
+    /// before another runner reclaims it. Running jobs keep their entries fresh as long as
+    /// they hold their locks, so this only bounds how long a crashed or stalled runner's
+    /// jobs wait. Must be at least the lock TTL + the cancel grace + a third of the TTL.
     pub fn visibility_timeout(mut self, t: Duration) -> Self {
         self.settings.visibility = t;
         self
@@ -137,9 +154,10 @@ impl RunnerBuilder {
 
     /// How long a cancelled handler has to return before its future is dropped. At
     /// shutdown it is cut to a fifth of the [`shutdown_timeout`](Self::shutdown_timeout)
-    /// if that is shorter.
+    /// if that is shorter. Unset, it is 10 s, or what the visibility timeout leaves after
+    /// the lock TTL and a third of it, if that is less.
     pub fn cancel_grace(mut self, t: Duration) -> Self {
-        self.settings.cancel_grace = t;
+        self.settings.cancel_grace = Some(t);
         self
     }
 
@@ -164,7 +182,8 @@ impl RunnerBuilder {
         self
     }
 
-    /// The longest random delay before a job whose lock was contended runs again.
+    /// The first delay before a job whose lock was contended runs again; it doubles with
+    /// each contended try in a row, up to 5 s, jittered over its upper half.
     pub fn requeue_delay(mut self, max: Duration) -> Self {
         self.settings.requeue_delay = max;
         self
@@ -188,9 +207,14 @@ impl RunnerBuilder {
     /// # Errors
     ///
     /// Names the first setting that is out of range: zero concurrency or attempts, a
-    /// zero TTL or timeout, a visibility timeout not above the lock TTL, a client without
-    /// fencing tokens, or no handlers.
-    pub fn build(self) -> Result<Runner, ConfigError> {
+    /// zero TTL or timeout, a visibility timeout shorter than the lock TTL + the cancel
+    /// grace + a third of the TTL, a client without fencing tokens, or no handlers.
+    pub fn build(mut self) -> Result<Runner, ConfigError> {
+        let floor = self.settings.visibility_floor();
+        if self.settings.cancel_grace.is_none() {
+            let room = self.settings.visibility.saturating_sub(floor);
+            self.settings.cancel_grace = Some(DEFAULT_CANCEL_GRACE.min(room));
+        }
         let s = &self.settings;
         let bad = |key, problem: String| Err(ConfigError { key, problem });
         if s.concurrency == 0 || s.concurrency > 4096 {
@@ -208,12 +232,17 @@ impl RunnerBuilder {
                 format!("must be at least 100ms, got {:?}", s.lock_ttl),
             );
         }
-        if s.visibility <= s.lock_ttl {
+        if s.visibility <= floor || s.visibility < floor + s.cancel_grace() {
             return bad(
                 "visibility_timeout",
                 format!(
-                    "must exceed the lock TTL ({:?}), got {:?}",
-                    s.lock_ttl, s.visibility
+                    "must be at least the lock TTL + the cancel grace + a third of the TTL \
+                     ({:?} + {:?} + {:?}), and more than {:?} without a cancel grace; got {:?}",
+                    s.lock_ttl,
+                    s.cancel_grace(),
+                    s.lock_ttl / 3,
+                    floor,
+                    s.visibility
                 ),
             );
         }
@@ -345,7 +374,7 @@ impl Runner {
                 ),
                 visibility: Duration::from_secs(30),
                 job_timeout: Duration::from_secs(300),
-                cancel_grace: Duration::from_secs(10),
+                cancel_grace: None,
                 shutdown_timeout: Duration::from_secs(25),
                 max_attempts: 5,
                 backoff_base: Duration::from_secs(1),
@@ -431,7 +460,9 @@ impl Runner {
 
             if last_promote.elapsed() >= Duration::from_millis(200) {
                 last_promote = Instant::now();
-                if let Err(e) = inner.queue.promote_due(256).await {
+                let promoted = inner.queue.promote_due(256).await;
+                inner.health.promote_done(promoted.is_ok());
+                if let Err(e) = promoted {
                     tracing::warn!(error = %error_chain(&e), "promoting delayed jobs failed");
                 }
             }
@@ -448,6 +479,7 @@ impl Runner {
                         cursor,
                         ..
                     }) => {
+                        inner.health.reclaim_done(true);
                         reclaim_cursor = cursor;
                         if !claimed.is_empty() {
                             tracing::info!(count = claimed.len(), "reclaimed stalled entries");
@@ -456,7 +488,10 @@ impl Runner {
                         }
                         batch = claimed;
                     }
-                    Err(e) => tracing::warn!(error = %error_chain(&e), "reclaim failed"),
+                    Err(e) => {
+                        inner.health.reclaim_done(false);
+                        tracing::warn!(error = %error_chain(&e), "reclaim failed");
+                    }
                 }
             }
             if batch.is_empty() {
@@ -598,7 +633,13 @@ impl Runner {
             attempt = job.attempt,
             token = tracing::field::Empty,
         );
-        let kind = job.kind.clone();
+        // Only kinds this runner handles become label values: the kind is whatever a
+        // producer wrote, and each value would be a time series kept for good.
+        let kind = if self.inner.handlers.get(&job.kind).is_some() {
+            job.kind.clone()
+        } else {
+            "unknown".to_owned()
+        };
         let finished = self
             .process_job(delivery, job, hard_stop)
             .instrument(span.clone())
@@ -617,7 +658,7 @@ impl Runner {
     async fn process_job(
         &self,
         delivery: Delivery,
-        job: Job,
+        mut job: Job,
         hard_stop: CancellationToken,
     ) -> Finished {
         let inner = &self.inner;
@@ -653,11 +694,20 @@ impl Runner {
         let guard = match acquired {
             Ok(guard) => {
                 counter!(names::LOCK_ACQUIRE, "outcome" => "acquired").increment(1);
+                job.requeues = 0;
                 guard
             }
             Err(e) => {
                 let (outcome, delay) = match e.kind() {
-                    ErrorKind::Contended => ("contended", self.jitter(s.requeue_delay)),
+                    ErrorKind::Contended => {
+                        let delay = contended_delay(
+                            s.requeue_delay,
+                            job.requeues,
+                            &mut SmallRng::from_os_rng(),
+                        );
+                        job.requeues = job.requeues.saturating_add(1);
+                        ("contended", delay)
+                    }
                     ErrorKind::Config => {
                         counter!(names::LOCK_ACQUIRE, "outcome" => "error").increment(1);
                         let reason = format!("cannot lock resource `{}`: {e}", job.resource);
@@ -699,8 +749,7 @@ impl Runner {
         tracing::Span::current().record("token", token);
 
         let watchdog = guard.auto_extend_with(
-            WatchdogConfig::default()
-                .max_hold(s.job_timeout + s.cancel_grace + s.lock_ttl)
+            watchdog_for(s.job_timeout + s.cancel_grace() + s.lock_ttl, s.lock_ttl)
                 .cancel_on_loss(false),
         );
         let health = watchdog.health();
@@ -729,6 +778,14 @@ impl Runner {
         let guard = watchdog.stop().await;
 
         let (result, why) = match ended {
+            Ended::TakenOver(returned) => {
+                tracing::debug!(handler_returned = returned.is_some(), "handler stopped");
+                // Its new owner decides what happens to the job; the lock goes at once.
+                if let Err(e) = guard.release().await {
+                    tracing::debug!(error = %e, "release failed; the lock expires by its TTL");
+                }
+                return taken_over();
+            }
             Ended::Returned(r) => (r, None),
             Ended::Lost(r) => {
                 counter!(names::LOCKS_LOST).increment(1);
@@ -748,7 +805,8 @@ impl Runner {
                     tracing::debug!(error = %e, "release failed; the lock expires by its TTL");
                 }
                 match acked {
-                    Ok(()) => Finished::Done,
+                    Ok(true) => Finished::Done,
+                    Ok(false) => taken_over(),
                     Err(e) => {
                         tracing::warn!(error = %error_chain(&e), "ack failed; the entry will be reclaimed and run again");
                         Finished::Left
@@ -792,8 +850,11 @@ impl Runner {
         }
     }
 
-    /// Runs the handler until it returns, its lock is lost, it times out, or shutdown's
-    /// hard stop; keeps its entry fresh meanwhile.
+    /// Runs the handler until it returns, its lock is lost, it times out, its entry is
+    /// taken over, or shutdown's hard stop; then cancels it and gives it the cancel grace.
+    /// Keeps its entry fresh all along, grace included, because the lock is extended all
+    /// along too: an entry left to go stale while its lock is held would be reclaimed by a
+    /// runner that finds the lock taken and schedules a second copy of the job.
     async fn supervise(
         &self,
         mut fut: HandleFuture<'_>,
@@ -838,16 +899,11 @@ impl Runner {
                     stop = Ended::Interrupted;
                     break;
                 }
-                _ = touch.tick(), if !taken => {
-                    match self.inner.queue.touch(&[delivery.entry_id.as_str()]).await {
-                        Ok(lost) if !lost.is_empty() => {
-                            // The job keeps its lock, so its fenced writes stay safe; but its
-                            // entry is retired by the new owner, not from here.
-                            taken = true;
-                            tracing::warn!("another runner reclaimed this job's entry while this one stalled");
-                        }
-                        Ok(_) => {}
-                        Err(e) => tracing::debug!(error = %error_chain(&e), "could not refresh the entry"),
+                _ = touch.tick() => {
+                    if self.touch(delivery).await {
+                        taken = true;
+                        stop = Ended::TakenOver;
+                        break;
                     }
                 }
             }
@@ -855,15 +911,42 @@ impl Runner {
         cancel.cancel();
         // The cancel grace, cut short by shutdown's hard stop (now or later) so that the
         // runner stops within its shutdown timeout.
-        let returned = tokio::select! {
-            biased;
-            r = &mut fut => Some(r),
-            () = tokio::time::sleep(s.cancel_grace) => None,
-            () = hard_stop.cancelled() => {
-                tokio::time::timeout(s.shutdown_wind_down(), &mut fut).await.ok()
+        let grace = tokio::time::sleep(s.cancel_grace());
+        tokio::pin!(grace);
+        let returned = loop {
+            tokio::select! {
+                biased;
+                r = &mut fut => break Some(r),
+                () = &mut grace => break None,
+                () = hard_stop.cancelled() => {
+                    break tokio::time::timeout(s.shutdown_wind_down(), &mut fut).await.ok();
+                }
+                _ = touch.tick(), if !taken => taken = self.touch(delivery).await,
             }
         };
+        if taken {
+            return Ended::TakenOver(returned);
+        }
         stop(returned)
+    }
+
+    /// Refreshes the job's entry; true when it is another runner's now (this one stalled
+    /// past the visibility timeout and the entry was reclaimed).
+    async fn touch(&self, delivery: &Delivery) -> bool {
+        match self.inner.queue.touch(&[delivery.entry_id.as_str()]).await {
+            Ok(lost) if !lost.is_empty() => {
+                tracing::warn!(
+                    "another runner reclaimed this job's entry while this one stalled; \
+                     cancelling the handler and leaving the job to it"
+                );
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "could not refresh the job's entry; another runner may reclaim it");
+                false
+            }
+        }
     }
 
     async fn retry(&self, delivery: &Delivery, mut job: Job, reason: &str) -> Finished {
@@ -919,6 +1002,33 @@ impl Runner {
     }
 }
 
+/// A watchdog that keeps a lock of `ttl` for up to `hold`: fencelock's default limits
+/// (an hour, 10 000 extensions) would cut a long job's lock short, and the job would then
+/// retry until it is dead-lettered. Extensions come every ttl/3; twice as many again are
+/// allowed for retried extensions.
+pub(crate) fn watchdog_for(hold: Duration, ttl: Duration) -> WatchdogConfig {
+    let period_ms = (ttl.as_millis() / 3).max(1);
+    let extensions = (hold.as_millis() / period_ms).saturating_mul(2) + 3;
+    WatchdogConfig::default()
+        .max_hold(hold)
+        .max_extensions(u32::try_from(extensions).unwrap_or(u32::MAX))
+}
+
+/// The longest a job whose lock keeps being held elsewhere waits before it tries again.
+const MAX_CONTENDED_DELAY: Duration = Duration::from_secs(5);
+
+/// The delay before a job whose lock was held elsewhere tries again, after `requeues`
+/// such tries in a row: `first` doubling each time, at most [`MAX_CONTENDED_DELAY`], with
+/// jitter over its upper half. Jobs waiting on one busy resource then go round less and
+/// less often, and leave the workers to other resources' jobs, instead of each coming
+/// back every `first` for as long as the holder runs.
+fn contended_delay(first: Duration, requeues: u32, rng: &mut impl Rng) -> Duration {
+    let ceiling = first
+        .saturating_mul(1u32 << requeues.min(16))
+        .min(MAX_CONTENDED_DELAY.max(first));
+    ceiling / 2 + rng.random_range(Duration::ZERO..=ceiling - ceiling / 2)
+}
+
 /// The delay before the retry that follows failed attempt number `attempt` (0 for the
 /// first): `base` doubling per attempt, at most `max`, with full jitter that never goes
 /// below a tenth of the step, so that a burst of failures spreads out but still backs off.
@@ -938,6 +1048,8 @@ fn taken_over() -> Finished {
 
 enum Ended {
     Returned(Option<Result<(), HandlerError>>),
+    /// Another runner reclaimed the entry; the handler was cancelled.
+    TakenOver(Option<Result<(), HandlerError>>),
     Lost(Option<Result<(), HandlerError>>),
     TimedOut(Option<Result<(), HandlerError>>),
     Interrupted(Option<Result<(), HandlerError>>),
@@ -971,6 +1083,59 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A job may run up to its timeout (at most a week) plus the cancel grace; its lock
+    /// must be extended that long, whatever the TTL.
+    #[test]
+    fn the_watchdog_keeps_the_lock_as_long_as_a_job_may_run() {
+        let week = Duration::from_secs(7 * 24 * 3600);
+        for ttl in [
+            Duration::from_millis(100),
+            Duration::from_secs(10),
+            Duration::from_secs(24 * 3600),
+        ] {
+            let hold = week + Duration::from_secs(10) + ttl;
+            let config = watchdog_for(hold, ttl);
+            let needed = hold.as_millis() / (ttl.as_millis() / 3);
+            let text = format!("{config:?}");
+            assert!(text.contains(&format!("max_hold: {hold:?}")), "{text}");
+            let allowed: u128 = text
+                .split("max_extensions: ")
+                .nth(1)
+                .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse().ok())
+                .unwrap();
+            assert!(
+                allowed >= needed,
+                "ttl {ttl:?}: {allowed} < {needed} extensions"
+            );
+        }
+    }
+
+    #[test]
+    fn contended_requeues_back_off_up_to_a_cap() {
+        let first = Duration::from_millis(250);
+        let mut rng = SmallRng::seed_from_u64(3);
+        let mut last_low = Duration::ZERO;
+        for requeues in 0..40u32 {
+            let delays: Vec<Duration> = (0..200)
+                .map(|_| contended_delay(first, requeues, &mut rng))
+                .collect();
+            let low = *delays.iter().min().unwrap();
+            let high = *delays.iter().max().unwrap();
+            let ceiling = (first * 2u32.pow(requeues.min(16))).min(MAX_CONTENDED_DELAY);
+            assert!(
+                low >= ceiling / 2 && high <= ceiling,
+                "{requeues}: {low:?}..{high:?}"
+            );
+            assert!(low >= last_low, "{requeues}: the wait never shrinks");
+            last_low = ceiling / 2;
+        }
+        // After a handful of tries a waiting job comes back at most every 2.5-5 s, not
+        // every 0-250 ms.
+        assert!(contended_delay(first, 6, &mut rng) >= MAX_CONTENDED_DELAY / 2);
+        assert_eq!(contended_delay(Duration::ZERO, 3, &mut rng), Duration::ZERO);
+    }
 
     #[test]
     fn backoff_doubles_up_to_its_cap_with_jitter_inside_each_step() {
