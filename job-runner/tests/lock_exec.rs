@@ -109,3 +109,36 @@ async fn the_exit_code_is_passed_on_and_a_held_lock_gives_75() {
     cluster.assert_no_keys_within(Duration::from_secs(2)).await;
     cluster.teardown().await;
 }
+
+/// A TTL above the lock crate's default restart quarantine (30 s) works: the client's
+/// quarantine follows the longest TTL the command locks with, instead of every lock
+/// failing with "longer than the restart quarantine".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ttl_above_the_default_quarantine_gets_a_quarantine_to_match() {
+    let cluster = Cluster::start(3).await;
+    let nodes = cluster.urls().join(",");
+    let mut long = tokio::process::Command::new(BIN);
+    long.env("JOB_RUNNER_LOCK_NODES", &nodes).args([
+        "lock",
+        "exec",
+        "--resource",
+        "long",
+        "--ttl-ms",
+        "45000",
+        "--wait-secs",
+        "0",
+        "--",
+        "sh",
+        "-c",
+        "exit 3",
+    ]);
+    let out = long.output().await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cluster.assert_no_keys_within(Duration::from_secs(2)).await;
+    cluster.teardown().await;
+}
