@@ -2,15 +2,19 @@
 //! rejects what cannot work before any lock is taken.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
 
-use crate::client::{Inner, Redlock};
+use crate::client::Redlock;
 use crate::error::Error;
-use crate::node::{Node, NodePolicy};
+use crate::fanout::Fanout;
+use crate::node::Node;
+use crate::ops::NodePolicy;
 use crate::quorum::quorum;
 use crate::retry::RetryPolicy;
+use crate::shared::{MAX_TTL, Shared};
 
 /// The default per-node timeout: 50 ms.
 ///
@@ -28,14 +32,16 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// The default restart quarantine: 30 s. See [`RedlockBuilder::restart_quarantine`].
 pub const DEFAULT_RESTART_QUARANTINE: Duration = Duration::from_secs(30);
 
-/// The longest TTL a lock may be taken or extended for: 24 hours. Hold a lock longer with
-/// [`auto_extend`](crate::LockGuard::auto_extend); a TTL this long would also need a
-/// restart quarantine as long, which keeps a restarted node out of service all that time.
-pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
-
 /// The default bound on in-process hand-offs in a row: 8. See
 /// [`RedlockBuilder::max_local_handoffs`].
 pub const DEFAULT_MAX_LOCAL_HANDOFFS: usize = 8;
+
+impl Redlock {
+    /// Starts configuring a client; see [`RedlockBuilder`] for the settings and defaults.
+    pub fn builder() -> RedlockBuilder {
+        RedlockBuilder::default()
+    }
+}
 
 /// Configures and builds a [`Redlock`] client.
 ///
@@ -335,9 +341,8 @@ impl RedlockBuilder {
         }
 
         #[allow(unused_mut)]
-        let mut inner = Inner::new(
-            nodes,
-            self.node_timeout,
+        let mut inner = Shared::new(
+            Fanout::new(nodes, self.node_timeout),
             self.drift_factor,
             self.retry,
             self.max_local_handoffs,
@@ -353,11 +358,10 @@ impl RedlockBuilder {
             inner.planted = planted;
             inner.pass_on = self.pass_on;
         }
-        let client = Redlock::from_inner(inner);
         // A new cluster is initialised here, and nodes that came up empty are seeded, so
         // that the first lock does not have to.
-        client.seed_nodes().await;
-        Ok(client)
+        inner.seed_nodes().await;
+        Ok(Redlock::from_shared(Arc::new(inner)))
     }
 }
 

@@ -52,29 +52,34 @@ macro_rules! planted {
     }};
 }
 
+mod acquire;
 mod builder;
 mod client;
 mod clock;
 mod error;
+mod fanout;
 mod guard;
 mod local;
 mod node;
+mod ops;
 mod quorum;
 mod restart;
 mod retry;
 mod scripts;
+mod shared;
 #[cfg(feature = "sim")]
 pub mod sim;
 mod watchdog;
 
 pub use builder::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRIFT_FACTOR, DEFAULT_MAX_LOCAL_HANDOFFS,
-    DEFAULT_NODE_TIMEOUT, DEFAULT_RESTART_QUARANTINE, MAX_TTL, RedlockBuilder,
+    DEFAULT_NODE_TIMEOUT, DEFAULT_RESTART_QUARANTINE, RedlockBuilder,
 };
 pub use client::Redlock;
 pub use error::{ConfigError, Error, ErrorKind, LostReason, NodeFailure};
 pub use guard::LockGuard;
 pub use retry::RetryPolicy;
+pub use shared::MAX_TTL;
 pub use watchdog::{AutoExtend, LockHealth, LockState, ScopedError, WatchdogConfig};
 
 #[cfg(test)]

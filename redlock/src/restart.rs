@@ -19,38 +19,40 @@
 //! applied cannot open a node either.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::future::join_all;
 
-use crate::client::Redlock;
-use crate::node::{Node, NodeState, ToRedisArgsDyn};
+use crate::node::{Node, ToRedisArgsDyn};
+use crate::ops::{NodeState, new_value};
 use crate::scripts;
+use crate::shared::Shared;
 
 /// Seeding reads every counter of a node; it gets more time than a lock round.
 const SEED_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Clears the client's seeding flag however the seeding ends, cancellation included.
-struct SeedingFlag<'a>(&'a Redlock);
+struct SeedingFlag<'a>(&'a Shared);
 
 impl Drop for SeedingFlag<'_> {
     fn drop(&mut self) {
-        self.0.seeding_flag().store(false, Ordering::SeqCst);
+        self.0.seeding.store(false, Ordering::SeqCst);
     }
 }
 
-impl Redlock {
+impl Shared {
     /// Seeds every reachable node that came up empty. Returns whether any node was seeded.
     ///
     /// Idempotent and safe to run from several clients at once: seeding only raises
     /// counters. One client runs one seeding at a time.
     pub(crate) async fn seed_nodes(&self) -> bool {
-        if self.seeding_flag().swap(true, Ordering::SeqCst) {
+        if self.seeding.swap(true, Ordering::SeqCst) {
             return false;
         }
         let _flag = SeedingFlag(self);
-        let nodes = self.inner_nodes();
+        let nodes = self.fanout.nodes();
         let quorum = self.quorum();
         let quarantine_ms = self.quarantine_ms();
         let states = join_all(
@@ -142,7 +144,7 @@ impl Redlock {
     /// the cluster, a node restarted since): a node that changed refuses the claim, so a
     /// stale decision claims no quorum and opens nothing.
     async fn open_new_cluster(&self, unseeded: &[(&Node, String)]) -> bool {
-        let decision = crate::client::new_value();
+        let decision = new_value();
         let step = |step: &'static str, nodes: Vec<&(&Node, String)>| {
             join_all(nodes.into_iter().map(|(node, nonce)| {
                 let call = node.eval(
@@ -177,11 +179,11 @@ impl Redlock {
     }
 
     /// Seeds in the background, for an acquisition that succeeded without the empty nodes.
-    pub(crate) fn spawn_seed(&self) {
+    pub(crate) fn spawn_seed(self: &Arc<Self>) {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let client = self.clone();
+            let shared = self.clone();
             handle.spawn(async move {
-                client.seed_nodes().await;
+                shared.seed_nodes().await;
             });
         }
     }

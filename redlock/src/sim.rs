@@ -33,7 +33,7 @@ use redis::Script;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::node::NodePolicy;
+use crate::ops::{NodePolicy, NodeState, new_value};
 use crate::scripts;
 
 /// A bug to plant, to show that a simulation's checker catches it. Each one undoes a fix
@@ -403,18 +403,18 @@ impl SimConn {
     }
 
     /// The model of `init.lua` followed by a read of the node state.
-    pub(crate) async fn restart_state(&self) -> crate::node::NodeState {
+    pub(crate) async fn restart_state(&self) -> NodeState {
         let quarantine_ms = self.quarantine_ms as f64;
         self.node
             .call(self, |data, now| {
                 if data.vote_after.is_none() {
                     data.vote_after = Some(now + quarantine_ms);
                     data.seeded = Some(false);
-                    data.nonce = Some(crate::client::new_value());
+                    data.nonce = Some(new_value());
                 } else if data.nonce.is_none() {
-                    data.nonce = Some(crate::client::new_value());
+                    data.nonce = Some(new_value());
                 }
-                crate::node::NodeState {
+                NodeState {
                     seeded: data.seeded == Some(true),
                     nonce: data.nonce.clone(),
                 }
@@ -459,7 +459,7 @@ fn verify(data: &mut Data, now: f64, run_id: u64, quarantine_ms: u64) {
     data.genesis = None;
     data.vote_after = Some(now + quarantine_ms as f64);
     data.seeded = Some(false);
-    data.nonce = Some(crate::client::new_value());
+    data.nonce = Some(new_value());
     data.boot = Some(run_id);
 }
 

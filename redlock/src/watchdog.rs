@@ -180,7 +180,7 @@ impl AutoExtend {
     pub(crate) fn start(guard: LockGuard, config: WatchdogConfig) -> Self {
         let (tx, rx) = watch::channel(LockState::Held);
         let (stop_tx, stop_rx) = oneshot::channel();
-        let never_ends = planted!(guard.client(), HealthNeverEnds);
+        let never_ends = planted!(guard.shared(), HealthNeverEnds);
         let health = LockHealth {
             rx,
             token: guard.fencing_token(),
@@ -238,7 +238,7 @@ impl Drop for AutoExtend {
 /// more tries fit before it runs out. Counted from the validity the guard has, not from
 /// now: a guard handed over with little validity left is extended at once.
 fn next_extension(guard: &LockGuard, ttl: Duration) -> Instant {
-    if planted!(guard.client(), WatchdogIgnoresValidity) {
+    if planted!(guard.shared(), WatchdogIgnoresValidity) {
         return clock::after(Instant::now(), ttl / 3);
     }
     clock::after(
@@ -259,7 +259,7 @@ async fn watch_lock(
     let mut extensions = 0u32;
     let mut next = next_extension(&guard, ttl);
     let mut failing = false;
-    let ignores_validity = planted!(guard.client(), WatchdogIgnoresValidity);
+    let ignores_validity = planted!(guard.shared(), WatchdogIgnoresValidity);
     // Set once a limit stops the extensions; the lock then runs out its validity.
     let mut limit: Option<LostReason> = None;
     loop {
