@@ -68,10 +68,6 @@ pub struct RedlockBuilder {
     fencing: bool,
     quarantine: Duration,
     allow_eviction: bool,
-    #[cfg(feature = "sim")]
-    jitter_seed: Option<u64>,
-    #[cfg(feature = "sim")]
-    pass_on: bool,
 }
 
 impl Default for RedlockBuilder {
@@ -86,10 +82,6 @@ impl Default for RedlockBuilder {
             fencing: false,
             quarantine: DEFAULT_RESTART_QUARANTINE,
             allow_eviction: false,
-            #[cfg(feature = "sim")]
-            jitter_seed: None,
-            #[cfg(feature = "sim")]
-            pass_on: true,
         }
     }
 }
@@ -212,6 +204,29 @@ impl RedlockBuilder {
     ///
     /// [`ErrorKind::Config`](crate::ErrorKind::Config), naming the bad setting.
     pub async fn build(self) -> Result<Redlock, Error> {
+        let nodes = self.real_nodes()?;
+        #[cfg(feature = "sim")]
+        let sim = crate::sim::ClientSim::default();
+        #[cfg(not(feature = "sim"))]
+        let sim = ();
+        self.finish(nodes, sim).await
+    }
+
+    /// Builds a client on the real nodes with a simulation's switches (feature `sim`), for
+    /// tests that need them against real Redis.
+    ///
+    /// # Errors
+    ///
+    /// As [`build`](Self::build).
+    #[cfg(feature = "sim")]
+    pub async fn build_with(self, options: crate::sim::SimOptions) -> Result<Redlock, Error> {
+        let nodes = self.real_nodes()?;
+        let sim = crate::sim::ClientSim::new(crate::sim::Planted::default(), options);
+        self.finish(nodes, sim).await
+    }
+
+    /// The configured nodes, each with its driver started.
+    fn real_nodes(&self) -> Result<Vec<Node>, Error> {
         if self.nodes.is_empty() {
             return Err(Error::config(
                 "nodes",
@@ -235,11 +250,7 @@ impl RedlockBuilder {
             }
             nodes.push(node);
         }
-        #[cfg(feature = "sim")]
-        let planted = crate::sim::Planted::default();
-        #[cfg(not(feature = "sim"))]
-        let planted = ();
-        self.finish(nodes, planted).await
+        Ok(nodes)
     }
 
     /// Builds a client on simulated nodes (feature `sim`), with the same settings and
@@ -250,6 +261,21 @@ impl RedlockBuilder {
     /// As [`build`](Self::build), for the settings.
     #[cfg(feature = "sim")]
     pub async fn build_simulated(self, cluster: &crate::sim::SimCluster) -> Result<Redlock, Error> {
+        self.build_simulated_with(cluster, crate::sim::SimOptions::default())
+            .await
+    }
+
+    /// [`build_simulated`](Self::build_simulated) with a simulation's switches.
+    ///
+    /// # Errors
+    ///
+    /// As [`build`](Self::build), for the settings.
+    #[cfg(feature = "sim")]
+    pub async fn build_simulated_with(
+        self,
+        cluster: &crate::sim::SimCluster,
+        options: crate::sim::SimOptions,
+    ) -> Result<Redlock, Error> {
         if cluster.is_empty() {
             return Err(Error::config("nodes", "the simulated cluster has no nodes"));
         }
@@ -260,25 +286,8 @@ impl RedlockBuilder {
             .iter()
             .map(|node| Node::simulated(crate::sim::SimConn::new(node.clone(), policy)))
             .collect();
-        let planted = cluster.planted();
-        self.finish(nodes, planted).await
-    }
-
-    /// Draws retry jitter from a generator seeded with `seed` (feature `sim`), so that a
-    /// simulation replays exactly.
-    #[cfg(feature = "sim")]
-    pub fn jitter_seed(mut self, seed: u64) -> Self {
-        self.jitter_seed = Some(seed);
-        self
-    }
-
-    /// Makes every in-process hand-off a swap round (feature `sim`), as if validity were
-    /// always short: for tests of what happens around those rounds.
-    #[cfg(feature = "sim")]
-    #[doc(hidden)]
-    pub fn swap_every_hand_off(mut self) -> Self {
-        self.pass_on = false;
-        self
+        let sim = crate::sim::ClientSim::new(cluster.planted(), options);
+        self.finish(nodes, sim).await
     }
 
     fn policy(&self) -> NodePolicy {
@@ -319,8 +328,8 @@ impl RedlockBuilder {
     async fn finish(
         self,
         nodes: Vec<Node>,
-        #[cfg(feature = "sim")] planted: crate::sim::Planted,
-        #[cfg(not(feature = "sim"))] _planted: (),
+        #[cfg(feature = "sim")] sim: crate::sim::ClientSim,
+        #[cfg(not(feature = "sim"))] _sim: (),
     ) -> Result<Redlock, Error> {
         let n = nodes.len();
         if n.is_multiple_of(2) {
@@ -351,12 +360,7 @@ impl RedlockBuilder {
         );
         #[cfg(feature = "sim")]
         {
-            use rand::SeedableRng;
-            inner.jitter = self
-                .jitter_seed
-                .map(|seed| std::sync::Mutex::new(rand::rngs::SmallRng::seed_from_u64(seed)));
-            inner.planted = planted;
-            inner.pass_on = self.pass_on;
+            inner.sim = sim;
         }
         // A new cluster is initialised here, and nodes that came up empty are seeded, so
         // that the first lock does not have to.

@@ -5,8 +5,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::SeedableRng;
-use rand::rngs::SmallRng;
 use tracing::Instrument;
 
 use crate::clock;
@@ -249,12 +247,7 @@ impl Redlock {
                         attempt -= 1;
                     }
                     Err((e, _)) if e.is_retryable() && attempt <= policy.retries() => {
-                        // Jitter needs no CSPRNG; a fresh SmallRng per wait keeps the future Send.
-                        let wait = match &self.inner.jitter {
-                            Some(rng) => policy
-                                .next_delay(&mut *rng.lock().unwrap_or_else(|p| p.into_inner())),
-                            None => policy.next_delay(&mut SmallRng::from_os_rng()),
-                        };
+                        let wait = self.inner.retry_delay(policy);
                         tracing::debug!(attempt, error = %e, wait_ms = wait.as_millis() as u64, "acquire round failed; retrying");
                         tokio::time::sleep(wait).await;
                     }

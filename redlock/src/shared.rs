@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
+use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use tokio::sync::Mutex as AsyncMutex;
 use tokio::time::Instant;
@@ -37,14 +38,9 @@ pub(crate) struct Shared {
     pub(crate) quarantine: Duration,
     /// Set while a seeding of restarted nodes runs, so that one client runs one at a time.
     pub(crate) seeding: AtomicBool,
-    /// A seeded source of retry jitter, for reproducible simulations; `None` draws from the
-    /// operating system.
-    pub(crate) jitter: Option<StdMutex<SmallRng>>,
-    /// The bugs a simulation planted in this client, to show that its checker catches them.
+    /// A simulation's switches and the bugs it planted in this client.
     #[cfg(feature = "sim")]
-    pub(crate) planted: crate::sim::Planted,
-    /// Off only in tests that need every hand-off to be a swap round.
-    pub(crate) pass_on: bool,
+    pub(crate) sim: crate::sim::ClientSim,
     /// Tasks of this process that want the same resource queue here instead of hammering
     /// the nodes: one of them contends in Redis, the rest wait for a hand-off.
     pub(crate) local: Slots,
@@ -97,10 +93,8 @@ impl Shared {
             fencing,
             quarantine,
             seeding: AtomicBool::new(false),
-            jitter: None,
             #[cfg(feature = "sim")]
-            planted: crate::sim::Planted::default(),
-            pass_on: true,
+            sim: crate::sim::ClientSim::default(),
             local: Slots::default(),
         }
     }
@@ -121,7 +115,7 @@ impl Shared {
     /// Whether a simulation planted `bug` in this client.
     #[cfg(feature = "sim")]
     pub(crate) fn planted(&self, bug: crate::sim::Bug) -> bool {
-        self.planted.contains(bug)
+        self.sim.planted.contains(bug)
     }
 
     /// Refuses a TTL that cannot be held safely: below 1 ms, above [`MAX_TTL`], eaten by
@@ -160,6 +154,16 @@ impl Shared {
             ));
         }
         Ok(())
+    }
+
+    /// The wait before the next acquisition round. Jitter needs no CSPRNG; a fresh
+    /// `SmallRng` per wait keeps the acquire future `Send`.
+    pub(crate) fn retry_delay(&self, policy: RetryPolicy) -> Duration {
+        #[cfg(feature = "sim")]
+        if let Some(wait) = self.sim.retry_delay(policy) {
+            return wait;
+        }
+        policy.next_delay(&mut SmallRng::from_os_rng())
     }
 
     /// The quarantine, as the scripts take it.

@@ -34,6 +34,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::ops::{NodePolicy, NodeState, new_value};
+use crate::retry::RetryPolicy;
 use crate::scripts;
 
 /// A bug to plant, to show that a simulation's checker catches it. Each one undoes a fix
@@ -71,6 +72,57 @@ pub(crate) struct Planted(u32);
 impl Planted {
     pub(crate) fn contains(self, bug: Bug) -> bool {
         self.0 & (1 << bug as u32) != 0
+    }
+}
+
+/// What a simulated client does that a real one never does, for tests that need it:
+/// handed to [`RedlockBuilder::build_simulated_with`](crate::RedlockBuilder::build_simulated_with)
+/// (or, for real nodes, [`RedlockBuilder::build_with`](crate::RedlockBuilder::build_with)).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SimOptions {
+    jitter_seed: Option<u64>,
+    swap_every_hand_off: bool,
+}
+
+impl SimOptions {
+    /// Draws retry jitter from a generator seeded with `seed`, so that a simulation
+    /// replays exactly.
+    pub fn jitter_seed(mut self, seed: u64) -> Self {
+        self.jitter_seed = Some(seed);
+        self
+    }
+
+    /// Makes every in-process hand-off a swap round, as if validity were always short:
+    /// for tests of what happens around those rounds.
+    pub fn swap_every_hand_off(mut self) -> Self {
+        self.swap_every_hand_off = true;
+        self
+    }
+}
+
+/// A client's simulation switches and planted bugs, as its rounds read them.
+#[derive(Debug, Default)]
+pub(crate) struct ClientSim {
+    pub(crate) planted: Planted,
+    jitter: Option<Mutex<SmallRng>>,
+    pub(crate) swap_every_hand_off: bool,
+}
+
+impl ClientSim {
+    pub(crate) fn new(planted: Planted, options: SimOptions) -> Self {
+        ClientSim {
+            planted,
+            jitter: options
+                .jitter_seed
+                .map(|seed| Mutex::new(SmallRng::seed_from_u64(seed))),
+            swap_every_hand_off: options.swap_every_hand_off,
+        }
+    }
+
+    /// The wait before the next retry, from the seeded generator; `None` without one.
+    pub(crate) fn retry_delay(&self, policy: RetryPolicy) -> Option<Duration> {
+        let rng = self.jitter.as_ref()?;
+        Some(policy.next_delay(&mut *rng.lock().unwrap_or_else(|p| p.into_inner())))
     }
 }
 
