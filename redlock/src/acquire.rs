@@ -5,17 +5,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use redis::Script;
 use tokio::time::Instant;
 
 use crate::clock;
 use crate::error::Error;
 use crate::fanout::Until;
 use crate::local::LocalTurn;
-use crate::node::{LateGrants, ToRedisArgsDyn};
-use crate::ops::new_value;
+use crate::node::LateGrants;
+use crate::ops::{Acquire, Fence, Handoff, Op, new_value};
 use crate::quorum::Decision;
-use crate::scripts;
 use crate::shared::{Granted, Shared};
 
 /// The most fencing tokens one acquisition reserves for hand-offs without a round (it
@@ -98,9 +96,6 @@ impl Shared {
         values.extend_from_slice(previous);
         let start = Instant::now();
         let valid_until = clock::after(start, ttl - self.drift(ttl));
-        let ttl_ms = clock::millis_ceil(ttl);
-        let quarantine_ms = self.quarantine_ms();
-        let fenced_arg = u8::from(fenced);
         let reserved = if fenced {
             self.max_local_handoffs.min(MAX_RESERVED_TOKENS) as u64
         } else {
@@ -116,23 +111,25 @@ impl Shared {
             turn,
             armed: true,
         };
-        // Lock keys, then with fencing their counters, then for ACQUIRE the node key.
-        let mut script_keys: Vec<String> = keys.to_vec();
-        if fenced {
-            script_keys.extend(keys.iter().map(|k| scripts::fence_key(k)));
-        }
-        let value: &str = &values[0];
-        let previous_strs: Vec<&str> = previous.iter().map(|v| &**v).collect();
-        let (script, args): (&'static Script, Vec<&dyn ToRedisArgsDyn>) = if previous.is_empty() {
-            script_keys.push(scripts::NODE_KEY.to_owned());
-            (
-                &scripts::ACQUIRE,
-                vec![&value, &ttl_ms, &quarantine_ms, &fenced_arg, &reserved],
-            )
+        let value = values[0].clone();
+        let ttl_ms = clock::millis_ceil(ttl);
+        let fencing = fenced.then_some(reserved);
+        let op = if previous.is_empty() {
+            Op::Acquire(Acquire {
+                keys: keys.clone(),
+                value: value.clone(),
+                ttl_ms,
+                quarantine_ms: self.quarantine_ms(),
+                fencing,
+            })
         } else {
-            let mut args: Vec<&dyn ToRedisArgsDyn> = vec![&value, &ttl_ms, &fenced_arg, &reserved];
-            args.extend(previous_strs.iter().map(|v| v as &dyn ToRedisArgsDyn));
-            (&scripts::HANDOFF, args)
+            Op::Handoff(Handoff {
+                keys: keys.clone(),
+                value: value.clone(),
+                ttl_ms,
+                fencing,
+                chain: previous.to_vec(),
+            })
         };
 
         let deadline = self.fanout.round_deadline(start, valid_until);
@@ -143,9 +140,7 @@ impl Shared {
             .fanout
             .broadcast(
                 "acquire",
-                script,
-                &script_keys,
-                &args,
+                op,
                 deadline,
                 Until::Decided(Some(LateGrants {
                     over: over.clone(),
@@ -167,15 +162,16 @@ impl Shared {
             && tally.decision() == Decision::Reached
             && replies.highest != replies.lowest
         {
-            let fence_keys = &script_keys[..2 * keys.len()];
-            let last_token = replies.highest + reserved as i64;
+            let fence = Op::Fence(Fence {
+                keys: keys.clone(),
+                value,
+                last_token: replies.highest + reserved,
+            });
             let write_back = self
                 .fanout
                 .broadcast(
                     "fence",
-                    &scripts::FENCE,
-                    fence_keys,
-                    &[&value, &last_token],
+                    fence,
                     self.fanout.round_deadline(Instant::now(), valid_until),
                     Until::Decided(None),
                 )
@@ -213,8 +209,8 @@ impl Shared {
                 return Ok(Granted {
                     values: values.clone(),
                     valid_until,
-                    token: fenced.then_some(replies.highest as u64),
-                    last_token: replies.highest as u64 + reserved,
+                    token: fenced.then_some(replies.highest),
+                    last_token: replies.highest + reserved,
                     over: over.clone(),
                     handoffs: from.map_or(0, |b| b.handoffs + 1),
                 });

@@ -9,14 +9,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::{Either, join_all};
-use redis::Script;
 use tokio::time::Instant;
 
 use crate::clock;
 use crate::error::NodeFailure;
-use crate::node::{LateGrants, Node, Payload, Reply, ToRedisArgsDyn};
+use crate::node::{LateGrants, Node, Payload, Reply};
+use crate::ops::{Extend, Op, Outcome, Release, Vote};
 use crate::quorum::{Decision, Tally, quorum};
-use crate::scripts;
 
 /// The nodes, their quorum and the time each may take: cheap to clone, so that background
 /// work (a drain, a release) can carry its own.
@@ -89,8 +88,8 @@ pub(crate) struct Replies {
     pub(crate) tally: Tally,
     pub(crate) failures: Vec<NodeFailure>,
     /// The largest and smallest successful reply: with fencing, the tokens.
-    pub(crate) highest: i64,
-    pub(crate) lowest: i64,
+    pub(crate) highest: u64,
+    pub(crate) lowest: u64,
     /// How many nodes said they came up empty and have not been seeded.
     pub(crate) unseeded: usize,
     /// The nodes (by index) whose connection broke under the command.
@@ -132,8 +131,8 @@ impl Fanout {
         valid_until.min(clock::after(start, self.node_timeout))
     }
 
-    /// Runs `script` on every node at once and counts the replies: a positive integer is
-    /// a success, zero a refusal, -1 and -2 a node that may not vote after a restart. One
+    /// Runs `op` on every node at once and counts the replies as `op` reads them: done,
+    /// refused, or a node that may not vote after a restart. One
     /// deadline bounds the whole round (a timer per node costs more than the round itself on
     /// a fast network); nodes that have not answered by then count as timed out. With
     /// `until_decided`, returns as soon as the tally is decided, dropping the replies still
@@ -141,9 +140,7 @@ impl Fanout {
     pub(crate) async fn broadcast(
         &self,
         operation: &'static str,
-        script: &'static Script,
-        keys: &[String],
-        args: &[&dyn ToRedisArgsDyn],
+        op: Op,
         deadline: Instant,
         until: Until,
     ) -> Replies {
@@ -157,11 +154,11 @@ impl Fanout {
             tally: Tally::new(nodes.len()),
             failures: Vec::new(),
             highest: 0,
-            lowest: i64::MAX,
+            lowest: u64::MAX,
             unseeded: 0,
             broken: Vec::new(),
         };
-        let payload = Payload::new(script, keys, args);
+        let payload = Payload::new(op);
         // One slot per node: those still out when the round ends have not answered.
         let mut calls: Vec<Slot<Reply>> = nodes
             .iter()
@@ -181,20 +178,27 @@ impl Fanout {
             match next.await {
                 Either::Left(Some((i, reply))) => {
                     let node = nodes[i].addr();
-                    let outcome = match reply {
-                        Ok(n) if n > 0 => {
+                    let vote = reply.and_then(|n| {
+                        payload.op().decode(n).map(Outcome::vote).map_err(|error| {
+                            NodeFailure::Redis {
+                                node: node.to_owned(),
+                                error,
+                            }
+                        })
+                    });
+                    let outcome = match vote {
+                        Ok(Vote::Yes(n)) => {
                             out.tally.ok += 1;
                             out.highest = out.highest.max(n);
                             out.lowest = out.lowest.min(n);
                             "ok"
                         }
-                        Ok(0) => {
+                        Ok(Vote::No) => {
                             out.tally.refused += 1;
                             "refused"
                         }
-                        Ok(code) => {
+                        Ok(Vote::Restarted { unseeded }) => {
                             out.tally.failed += 1;
-                            let unseeded = code == -2;
                             out.unseeded += usize::from(unseeded);
                             out.failures.push(NodeFailure::Restarted {
                                 node: node.to_owned(),
@@ -254,16 +258,17 @@ impl Fanout {
                 deadline + STRAGGLER_GRACE,
                 async move {
                     while let Some((i, reply)) = poll_fn(|cx| next_reply(&mut calls, cx)).await {
-                        if let (Some(late), Ok(granted)) = (&late, reply)
-                            && granted > 0
+                        if let Some(late) = &late
+                            && let Ok(Ok(Vote::Yes(_))) =
+                                reply.map(|n| payload.op().decode(n).map(Outcome::vote))
                             && late.over.load(Ordering::SeqCst)
                         {
                             // Granted after the acquisition was over: take it back.
-                            let values: Vec<&str> = late.values.iter().map(|v| &**v).collect();
-                            let args: Vec<&dyn ToRedisArgsDyn> =
-                                values.iter().map(|v| v as &dyn ToRedisArgsDyn).collect();
-                            let node = &fanout.nodes[i];
-                            let _ = node.eval(&scripts::RELEASE, &late.keys, &args, None).await;
+                            let release = Op::Release(Release {
+                                keys: late.keys.clone(),
+                                values: late.values.to_vec(),
+                            });
+                            let _ = fanout.nodes[i].eval(release, None).await;
                         }
                     }
                 },
@@ -282,20 +287,19 @@ impl Fanout {
     /// a short job) would otherwise leave keys behind until their TTL.
     pub(crate) async fn release_all(
         &self,
-        keys: &[String],
+        keys: &Arc<[String]>,
         values: &[Arc<str>],
         retry_broken: bool,
     ) -> ReleaseOutcome {
-        let values: Vec<&str> = values.iter().map(|v| &**v).collect();
-        let args: Vec<&dyn ToRedisArgsDyn> =
-            values.iter().map(|v| v as &dyn ToRedisArgsDyn).collect();
+        let release = Release {
+            keys: keys.clone(),
+            values: values.to_vec(),
+        };
         let deadline = clock::after(Instant::now(), self.node_timeout);
         let replies = self
             .broadcast(
                 "release",
-                &scripts::RELEASE,
-                keys,
-                &args,
+                Op::Release(release.clone()),
                 deadline,
                 Until::AllReplied,
             )
@@ -312,14 +316,14 @@ impl Fanout {
         // (a node with AOF keeps our key across its restart).
         let retries = join_all(replies.broken.iter().map(|&i| {
             let node = &self.nodes[i];
-            let call = node.eval(&scripts::RELEASE, keys, &args, None);
+            let call = node.run(Op::Release(release.clone()));
             async move { (node, tokio::time::timeout(self.node_timeout, call).await) }
         }))
         .await;
         for (node, retry) in retries {
-            if let Ok(Ok(n)) = retry {
+            if let Ok(Ok(Outcome::Released(deleted))) = retry {
                 outcome.failures.retain(|f| f.node() != node.addr());
-                outcome.deleted += usize::from(n > 0);
+                outcome.deleted += usize::from(deleted > 0);
             }
         }
         outcome
@@ -330,26 +334,19 @@ impl Fanout {
     /// acquisition's and its hand-off chain's). Never deletes anything.
     pub(crate) async fn extend_all(
         &self,
-        keys: &[String],
+        keys: &Arc<[String]>,
         values: &[Arc<str>],
         ttl: Duration,
         valid_until: Instant,
     ) -> Replies {
-        let ttl_ms = clock::millis_ceil(ttl);
-        let values: Vec<&str> = values.iter().map(|v| &**v).collect();
-        let mut args: Vec<&dyn ToRedisArgsDyn> = Vec::with_capacity(values.len() + 1);
-        args.push(&ttl_ms);
-        args.extend(values.iter().map(|v| v as &dyn ToRedisArgsDyn));
+        let extend = Op::Extend(Extend {
+            keys: keys.clone(),
+            ttl_ms: clock::millis_ceil(ttl),
+            values: values.to_vec(),
+        });
         let deadline = self.round_deadline(Instant::now(), valid_until);
-        self.broadcast(
-            "extend",
-            &scripts::EXTEND,
-            keys,
-            &args,
-            deadline,
-            Until::Decided(None),
-        )
-        .await
+        self.broadcast("extend", extend, deadline, Until::Decided(None))
+            .await
     }
 
     /// Releases in the background: the guard's `Drop` and cancelled acquisitions use this.

@@ -61,6 +61,12 @@ mod fanout;
 mod guard;
 mod local;
 mod node;
+/// The typed contract with the Lua scripts (public with feature `sim`, for the
+/// differential test of the model nodes against the real scripts).
+#[cfg(feature = "sim")]
+pub mod ops;
+#[cfg(not(feature = "sim"))]
+#[allow(unreachable_pub)]
 mod ops;
 mod quorum;
 mod restart;

@@ -93,7 +93,7 @@ impl LocalTurn {
             // If this future is dropped here, the remaining batons' keys expire with their TTL.
             self.shared
                 .fanout
-                .release_all(&[key], &baton.values, true)
+                .release_all(&Arc::from([key]), &baton.values, true)
                 .await;
         }
         None

@@ -25,9 +25,8 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 
-use crate::node::{Node, ToRedisArgsDyn};
-use crate::ops::{NodeState, new_value};
-use crate::scripts;
+use crate::node::Node;
+use crate::ops::{Genesis, GenesisStep, NodeState, Op, Outcome, Seed, new_value};
 use crate::shared::Shared;
 
 /// Seeding reads every counter of a node; it gets more time than a lock round.
@@ -107,19 +106,16 @@ impl Shared {
             );
             return false;
         };
-        let mut keys: Vec<String> = vec![scripts::NODE_KEY.to_owned()];
-        let mut values: Vec<i64> = Vec::with_capacity(counters.len());
-        for (k, v) in counters {
-            keys.push(k);
-            values.push(v);
-        }
+        let counters: Vec<(String, i64)> = counters.into_iter().collect();
         let mut any = false;
         for (node, nonce) in unseeded {
-            let mut args: Vec<&dyn ToRedisArgsDyn> = vec![&quarantine_ms, &nonce];
-            args.extend(values.iter().map(|v| v as &dyn ToRedisArgsDyn));
-            let seed = node.eval(&scripts::SEED, &keys, &args, None);
+            let seed = node.run(Op::Seed(Seed {
+                quarantine_ms,
+                nonce,
+                counters: counters.clone(),
+            }));
             match tokio::time::timeout(SEED_TIMEOUT, seed).await {
-                Ok(Ok(0)) => tracing::info!(
+                Ok(Ok(Outcome::Seeded(false))) => tracing::info!(
                     node = node.addr(),
                     "seeding refused: the node's state changed since it was read (it restarted again)"
                 ),
@@ -127,7 +123,7 @@ impl Shared {
                     any = true;
                     tracing::info!(
                         node = node.addr(),
-                        counters = keys.len() - 1,
+                        counters = counters.len(),
                         "seeded a node that came up empty"
                     );
                 }
@@ -145,20 +141,24 @@ impl Shared {
     /// stale decision claims no quorum and opens nothing.
     async fn open_new_cluster(&self, unseeded: &[(&Node, String)]) -> bool {
         let decision = new_value();
-        let step = |step: &'static str, nodes: Vec<&(&Node, String)>| {
+        let step = |step: GenesisStep, nodes: Vec<&(&Node, String)>| {
             join_all(nodes.into_iter().map(|(node, nonce)| {
-                let call = node.eval(
-                    &scripts::GENESIS,
-                    &[scripts::NODE_KEY.to_owned()],
-                    &[&step, nonce, &decision],
-                    None,
-                );
-                async move { matches!(tokio::time::timeout(SEED_TIMEOUT, call).await, Ok(Ok(1))) }
+                let call = node.run(Op::Genesis(Genesis {
+                    step,
+                    nonce: nonce.clone(),
+                    decision: decision.clone(),
+                }));
+                async move {
+                    matches!(
+                        tokio::time::timeout(SEED_TIMEOUT, call).await,
+                        Ok(Ok(Outcome::Genesis(true)))
+                    )
+                }
             }))
         };
         let claimed: Vec<&(&Node, String)> = unseeded
             .iter()
-            .zip(step("claim", unseeded.iter().collect()).await)
+            .zip(step(GenesisStep::Claim, unseeded.iter().collect()).await)
             .filter_map(|(node, claimed)| claimed.then_some(node))
             .collect();
         let claims = claimed.len();
@@ -169,7 +169,7 @@ impl Shared {
             );
             return false;
         }
-        let opened = step("open", claimed)
+        let opened = step(GenesisStep::Open, claimed)
             .await
             .into_iter()
             .filter(|o| *o)

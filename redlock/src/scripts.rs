@@ -62,6 +62,7 @@ const SOURCES: [&str; 9] = [
 ];
 
 /// The number [`BATCH`] knows `script` by.
+#[cfg(test)]
 pub(crate) fn number(script: &Script) -> usize {
     all()
         .iter()
@@ -88,6 +89,7 @@ pub(crate) fn fence_key(resource: &str) -> String {
 }
 
 /// Every script but [`BATCH`], in the order [`BATCH`] numbers them.
+#[cfg(test)]
 pub(crate) fn all() -> [&'static Script; 9] {
     [
         &ACQUIRE, &RELEASE, &EXTEND, &HANDOFF, &FENCE, &SEED, &INIT, &VERIFY, &GENESIS,

@@ -7,11 +7,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
-use redis::{ErrorKind, RedisError, Script, ServerErrorKind, ToRedisArgs, Value};
+use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use super::link::{Link, broken, load_scripts};
 use crate::error::NodeFailure;
+use crate::ops::{Op, Outcome, Release, Vote};
 use crate::scripts;
 
 /// The most operations one command to a node carries.
@@ -35,40 +36,23 @@ const REPLY_GRACE: Duration = Duration::from_secs(30);
 
 /// A script call, encoded once and shared by the nodes a round sends it to.
 pub(crate) struct Payload {
-    pub(super) script: &'static Script,
-    /// The script's number in [`scripts::all`].
-    number: usize,
-    pub(super) keys: Vec<String>,
+    pub(super) op: Op,
+    keys: Vec<String>,
     args: Vec<Vec<u8>>,
 }
 
 impl Payload {
-    pub(crate) fn new(
-        script: &'static Script,
-        keys: &[String],
-        args: &[&dyn ToRedisArgsDyn],
-    ) -> Arc<Payload> {
-        let mut encoded = Vec::with_capacity(args.len());
-        for arg in args {
-            arg.push_bytes(&mut encoded);
-        }
-        Arc::new(Payload {
-            script,
-            number: scripts::number(script),
-            keys: keys.to_vec(),
-            args: encoded,
-        })
+    /// The operation, to read its replies with.
+    pub(crate) fn op(&self) -> &Op {
+        &self.op
     }
-}
 
-impl Payload {
-    /// The arguments as text, as a model node reads them.
-    #[cfg(feature = "sim")]
-    pub(super) fn text_args(&self) -> Vec<String> {
-        self.args
-            .iter()
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect()
+    pub(crate) fn new(op: Op) -> Arc<Payload> {
+        Arc::new(Payload {
+            keys: op.keys(),
+            args: op.args(),
+            op,
+        })
     }
 }
 
@@ -83,7 +67,7 @@ pub(super) enum Call {
 }
 
 /// One call queued for a node's driver.
-pub(super) struct Op {
+pub(super) struct Queued {
     pub(super) call: Call,
     pub(super) reply: oneshot::Sender<Result<Value, RedisError>>,
     /// For a call that can grant a lock: whose grant it is, so that a grant for an
@@ -91,7 +75,7 @@ pub(super) struct Op {
     pub(super) late: Option<LateGrants>,
 }
 
-impl Op {
+impl Queued {
     /// The acquisition this call could grant for is over: running it would only set a key
     /// to take back.
     fn moot(&self) -> bool {
@@ -166,8 +150,8 @@ pub(super) fn driver_gone() -> RedisError {
 /// before anything queued behind it; a new connection is verified before anything else.
 pub(super) async fn drive(
     mut link: Link,
-    mut rx: mpsc::UnboundedReceiver<Op>,
-    ops: mpsc::WeakUnboundedSender<Op>,
+    mut rx: mpsc::UnboundedReceiver<Queued>,
+    ops: mpsc::WeakUnboundedSender<Queued>,
     backlog: Arc<AtomicUsize>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -197,19 +181,21 @@ pub(super) async fn drive(
             }
         }
         for (op, reply) in batch.drain(..).zip(replies.drain(..)) {
-            if let (Some(late), Ok(Value::Int(granted))) = (&op.late, &reply)
-                && *granted > 0
+            if let (Some(late), Ok(Value::Int(reply)), Call::Script(payload)) =
+                (&op.late, &reply, &op.call)
+                && let Ok(Vote::Yes(_)) = payload.op.decode(*reply).map(Outcome::vote)
                 && op.moot()
                 && let Some(ops) = ops.upgrade()
             {
                 // Granted after the acquisition was over: take it back, next in line.
                 let (reply, _) = oneshot::channel();
                 backlog.fetch_add(1, Ordering::Relaxed);
-                let values: Vec<&str> = late.values.iter().map(|v| &**v).collect();
-                let args: Vec<&dyn ToRedisArgsDyn> =
-                    values.iter().map(|v| v as &dyn ToRedisArgsDyn).collect();
-                let _ = ops.send(Op {
-                    call: Call::Script(Payload::new(&scripts::RELEASE, &late.keys, &args)),
+                let release = Op::Release(Release {
+                    keys: late.keys.clone(),
+                    values: late.values.to_vec(),
+                });
+                let _ = ops.send(Queued {
+                    call: Call::Script(Payload::new(release)),
                     reply,
                     late: None,
                 });
@@ -221,7 +207,7 @@ pub(super) async fn drive(
 
 impl Link {
     /// A consecutive run of script calls, as one command.
-    async fn scripts(&mut self, batch: &[Op]) -> Vec<Result<Value, RedisError>> {
+    async fn scripts(&mut self, batch: &[Queued]) -> Vec<Result<Value, RedisError>> {
         let conn = match self.connected().await {
             Ok(conn) => conn,
             Err(error) => return vec![Err(error); batch.len()],
@@ -260,16 +246,16 @@ impl Link {
 /// Sends `batch` (script calls only) as one command and returns one reply per call.
 pub(super) async fn send(
     conn: &mut MultiplexedConnection,
-    batch: &[Op],
+    batch: &[Queued],
 ) -> Vec<Result<i64, RedisError>> {
-    let payload = |op: &Op| match &op.call {
+    let payload = |op: &Queued| match &op.call {
         Call::Script(payload) => payload.clone(),
         _ => unreachable!("only script calls are batched"),
     };
     let mut cmd = redis::cmd("EVALSHA");
     if let [op] = batch {
         let call = payload(op);
-        cmd.arg(call.script.get_hash())
+        cmd.arg(call.op.script().get_hash())
             .arg(call.keys.len())
             .arg(&call.keys)
             .arg(&call.args);
@@ -282,7 +268,7 @@ pub(super) async fn send(
         }
         cmd.arg(calls.len());
         for call in &calls {
-            cmd.arg(call.number)
+            cmd.arg(call.op.number())
                 .arg(call.keys.len())
                 .arg(call.args.len())
                 .arg(&call.args);
@@ -333,17 +319,5 @@ fn integer(value: Value) -> Result<i64, RedisError> {
             "a lock script returned something else than an integer",
             format!("{other:?}"),
         ))),
-    }
-}
-
-/// An argument of a script invocation: an object-safe bridge to [`ToRedisArgs`], so one
-/// call can mix string and integer arguments.
-pub(crate) trait ToRedisArgsDyn: Sync {
-    fn push_bytes(&self, out: &mut Vec<Vec<u8>>);
-}
-
-impl<T: ToRedisArgs + Sync> ToRedisArgsDyn for T {
-    fn push_bytes(&self, out: &mut Vec<Vec<u8>>) {
-        out.extend(self.to_redis_args());
     }
 }

@@ -8,7 +8,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ErrorKind, RedisError};
 use tokio::time::Instant;
 
-use crate::ops::{NodePolicy, new_value};
+use crate::ops::{NodePolicy, Op, Outcome, Verify, new_value};
 use crate::scripts;
 
 /// After a failed connect, calls fail at once for this long before the next attempt, then
@@ -158,16 +158,22 @@ impl Link {
                 "lock node persistence can lose acknowledged writes (RDB snapshots, or AOF without `appendfsync always`); a restart is detected by its run_id and the node sits out its quarantine before it votes again"
             );
         }
-        let nonce = new_value();
-        let verified: i64 = scripts::VERIFY
-            .key(scripts::NODE_KEY)
-            .arg(run_id)
-            .arg(u8::from(durable))
-            .arg(self.policy.quarantine_ms)
-            .arg(&nonce)
-            .invoke_async(&mut conn)
-            .await?;
-        if verified == 2 {
+        let verify = Op::Verify(Verify {
+            run_id: run_id.to_owned(),
+            durable,
+            quarantine_ms: self.policy.quarantine_ms,
+            nonce: new_value(),
+        });
+        let mut call = verify.script().prepare_invoke();
+        for key in verify.keys() {
+            call.key(key);
+        }
+        for arg in verify.args() {
+            call.arg(arg);
+        }
+        let reply: i64 = call.invoke_async(&mut conn).await?;
+        let reset = matches!(verify.decode(reply)?, Outcome::Verified { reset: true });
+        if reset {
             tracing::warn!(
                 node = %self.addr,
                 run_id,

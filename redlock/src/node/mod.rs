@@ -10,15 +10,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use redis::{AsyncConnectionConfig, ErrorKind, FromRedisValue, RedisError, Script, Value};
+use redis::{AsyncConnectionConfig, ErrorKind, FromRedisValue, RedisError, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, NodeFailure};
-use crate::ops::{NodePolicy, NodeState, new_value};
+use crate::ops::{Init, NodePolicy, NodeState, Op, Outcome, new_value};
 use crate::scripts;
 
-use driver::{Call, Op, ReplyState, drive, driver_gone};
-pub(crate) use driver::{LateGrants, Payload, Reply, ToRedisArgsDyn};
+use driver::{Call, Queued, ReplyState, drive, driver_gone};
+pub(crate) use driver::{LateGrants, Payload, Reply};
 use link::Link;
 
 /// The most calls that may wait for a node's driver. A node that stops answering holds
@@ -42,7 +42,7 @@ pub(crate) struct Node {
 enum Backend {
     Redis {
         /// The node's driver: every call goes through it, in the order of the calls.
-        ops: mpsc::UnboundedSender<Op>,
+        ops: mpsc::UnboundedSender<Queued>,
         /// Calls queued for the driver and not yet taken: bounded by [`MAX_BACKLOG`].
         backlog: Arc<AtomicUsize>,
     },
@@ -122,32 +122,24 @@ impl Node {
         &self.addr
     }
 
-    /// Runs `script` with `keys` and `args`; every script returns an integer. The caller
-    /// bounds the time it may take.
+    /// Runs `op`; every script returns an integer, which `op` reads. The caller bounds the
+    /// time it may take.
     ///
     /// The call is queued on the node's driver before this returns, and runs whether or
     /// not the returned future is polled or dropped: calls to a node run in the order they
     /// were made, so a release can never overtake the acquisition it undoes. With `late`,
     /// a grant that arrives once that acquisition is over is released by the driver, and a
     /// call still queued by then is not sent at all.
-    pub(crate) fn eval(
-        &self,
-        script: &'static Script,
-        keys: &[String],
-        args: &[&dyn ToRedisArgsDyn],
-        late: Option<&LateGrants>,
-    ) -> Reply {
-        let payload = Payload::new(script, keys, args);
+    pub(crate) fn eval(&self, op: Op, late: Option<&LateGrants>) -> Reply {
         // A model node's call runs in its own task, so that it too runs whether or not
         // its reply is awaited. (A round's calls are polled by the round and drained after
         // it instead, so that each starts exactly when its round does.)
         #[cfg(feature = "sim")]
         if let Backend::Sim(sim) = &self.backend {
             let (tx, rx) = oneshot::channel();
-            let (sim, script, keys) = (sim.clone(), payload.script, payload.keys.clone());
-            let args = payload.text_args();
+            let sim = sim.clone();
             tokio::spawn(async move {
-                let reply = sim.eval(script, &keys, &args).await;
+                let reply = sim.eval(&op).await;
                 let _ = tx.send(reply.map(Value::Int));
             });
             return Reply {
@@ -155,7 +147,21 @@ impl Node {
                 state: ReplyState::Queued(rx),
             };
         }
-        self.eval_shared(&payload, late)
+        self.eval_shared(&Payload::new(op), late)
+    }
+
+    /// [`eval`](Self::eval) with its reply read by `op`; queued as the call is made.
+    pub(crate) fn run(&self, op: Op) -> impl Future<Output = Result<Outcome, NodeFailure>> + use<> {
+        let reader = op.clone();
+        let reply = self.eval(op, None);
+        let node = self.addr.clone();
+        async move {
+            let reply = reply.await?;
+            reader.decode(reply).map_err(|error| NodeFailure::Redis {
+                node: node.to_string(),
+                error,
+            })
+        }
     }
 
     /// [`eval`](Self::eval) of a call encoded once for every node of a round.
@@ -168,12 +174,9 @@ impl Node {
             #[cfg(feature = "sim")]
             Backend::Sim(sim) => {
                 let _ = late;
-                let (sim, script, keys) = (sim.clone(), payload.script, payload.keys.clone());
-                let args = payload.text_args();
+                let (sim, payload) = (sim.clone(), payload.clone());
                 // Starts when first polled, like the model node's own future.
-                ReplyState::Sim(Box::pin(
-                    async move { sim.eval(script, &keys, &args).await },
-                ))
+                ReplyState::Sim(Box::pin(async move { sim.eval(&payload.op).await }))
             }
         };
         Reply {
@@ -206,7 +209,7 @@ impl Node {
             )));
         }
         let (reply, rx) = oneshot::channel();
-        let op = Op {
+        let op = Queued {
             call,
             reply,
             late: late.cloned(),
@@ -230,16 +233,12 @@ impl Node {
         #[cfg(feature = "sim")]
         if let Backend::Sim(sim) = &self.backend {
             return self
-                .bounded(timeout, async { Ok(sim.restart_state().await) })
+                .bounded(timeout, async {
+                    Ok(sim.restart_state(&init(quarantine_ms)).await)
+                })
                 .await;
         }
-        let nonce = new_value();
-        let init = self.eval(
-            &scripts::INIT,
-            &[scripts::NODE_KEY.to_owned()],
-            &[&nonce, &quarantine_ms],
-            None,
-        );
+        let init = self.eval(Op::Init(init(quarantine_ms)), None);
         self.bounded(timeout, async {
             init.await.map_err(|f| match f {
                 NodeFailure::Redis { error, .. } => error,
@@ -366,6 +365,15 @@ impl Node {
             Err(failure) => Err(Error::Redis(failure)),
             Ok(()) => Ok(()),
         }
+    }
+}
+
+/// A fresh [`Init`]: a node read without a restart state gets one, with a nonce a seeding
+/// can carry.
+fn init(quarantine_ms: u64) -> Init {
+    Init {
+        nonce: new_value(),
+        quarantine_ms,
     }
 }
 

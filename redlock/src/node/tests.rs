@@ -45,7 +45,10 @@ async fn calls_to_a_node_that_stopped_answering_are_capped() {
         POLICY,
     )
     .unwrap();
-    let payload = Payload::new(&scripts::RELEASE, &["k".to_owned()], &[&"v"]);
+    let payload = Payload::new(Op::Release(crate::ops::Release {
+        keys: Arc::from(["k".to_owned()]),
+        values: vec!["v".into()],
+    }));
     let mut first = node.eval_shared(&payload, None);
     // Let the driver take the first call and hang on it.
     tokio::time::sleep(Duration::from_millis(200)).await;
