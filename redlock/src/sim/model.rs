@@ -157,6 +157,14 @@ fn grant(
     }
 }
 
+/// Raises a counter to `to`, as the scripts do: a missing counter reads as 0 and is only
+/// written when `to` is above that.
+fn raise(data: &mut Data, counter: String, to: i64) {
+    if data.counters.get(&counter).copied().unwrap_or(0) < to {
+        data.counters.insert(counter, to);
+    }
+}
+
 /// Whether `key` holds one of `values`.
 fn holds_one_of(data: &Data, key: &str, now: f64, values: &[Arc<str>]) -> bool {
     live(data, key, now).is_some_and(|v| values.iter().any(|a| &**a == v))
@@ -211,8 +219,7 @@ pub(super) fn run(data: &mut Data, now: f64, op: &Op, planted: Planted) -> i64 {
                 .all(|k| live(data, k, now) == Some(&*op.value));
             if ours {
                 for k in op.keys.iter() {
-                    let c = data.counters.entry(scripts::fence_key(k)).or_insert(0);
-                    *c = (*c).max(op.last_token as i64);
+                    raise(data, scripts::fence_key(k), op.last_token as i64);
                 }
             }
             Outcome::Fenced(ours)
@@ -221,8 +228,7 @@ pub(super) fn run(data: &mut Data, now: f64, op: &Op, planted: Planted) -> i64 {
             let current = stale_seed || data.nonce.as_deref() == Some(op.nonce.as_str());
             if current {
                 for (k, v) in &op.counters {
-                    let c = data.counters.entry(k.clone()).or_insert(0);
-                    *c = (*c).max(*v);
+                    raise(data, k.clone(), *v);
                 }
                 if data.vote_after.is_none() {
                     data.vote_after = Some(now + op.quarantine_ms as f64);
