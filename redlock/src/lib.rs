@@ -71,6 +71,7 @@ mod ops;
 mod quorum;
 mod restart;
 mod retry;
+mod scoped;
 mod scripts;
 mod shared;
 #[cfg(feature = "sim")]
@@ -85,8 +86,9 @@ pub use client::Redlock;
 pub use error::{ConfigError, Error, ErrorKind, LostReason, NodeFailure};
 pub use guard::LockGuard;
 pub use retry::RetryPolicy;
+pub use scoped::ScopedError;
 pub use shared::MAX_TTL;
-pub use watchdog::{AutoExtend, LockHealth, LockState, ScopedError, WatchdogConfig};
+pub use watchdog::{AutoExtend, LockHealth, LockState, WatchdogConfig};
 
 #[cfg(test)]
 mod send_sync {

@@ -1,3 +1,5 @@
+//! The node's own tests: URLs and the driver's backlog cap.
+
 use super::*;
 use futures_util::FutureExt;
 

@@ -11,6 +11,11 @@ use redis::{ErrorKind, RedisError, Script};
 
 use crate::scripts;
 
+mod reply;
+
+pub(crate) use reply::Vote;
+pub use reply::{Acquired, Outcome};
+
 /// What the driver of a node holds every connection to before using it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct NodePolicy {
@@ -173,63 +178,6 @@ pub enum GenesisStep {
     Claim,
     /// Open a node the decision claimed.
     Open,
-}
-
-/// A script's reply, read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Of [`Acquire`].
-    Acquired(Acquired),
-    /// Of [`Release`]: how many keys were deleted.
-    Released(u64),
-    /// Of [`Extend`]: whether every key was ours and was extended.
-    Extended(bool),
-    /// Of [`Handoff`]: the token (1 without fencing), or `None` when a key was not the
-    /// chain's.
-    HandedOff(Option<u64>),
-    /// Of [`Fence`]: whether every key held our value and the counters were raised.
-    Fenced(bool),
-    /// Of [`Seed`]: seeded, or refused (the node's state changed).
-    Seeded(bool),
-    /// Of [`Init`]: whether a state was created or given a nonce.
-    Initialised(bool),
-    /// Of [`Verify`]: whether the node restarted with data it may not fully have.
-    Verified {
-        /// It was put back into quarantine, unseeded.
-        reset: bool,
-    },
-    /// Of [`Genesis`]: claimed or opened, or refused.
-    Genesis(bool),
-}
-
-/// How acquire answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Acquired {
-    /// Every key set; the fencing token (1 without fencing).
-    Granted {
-        /// The token.
-        token: u64,
-    },
-    /// Some key exists: nothing set.
-    Held,
-    /// The node is in quarantine after a restart: nothing set.
-    Quarantined,
-    /// The node has not been seeded since it came up empty: nothing set.
-    Unseeded,
-}
-
-/// How one node's reply counts in a round.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Vote {
-    /// Done; with a grant, its token.
-    Yes(u64),
-    /// Refused: held by someone else, or not ours.
-    No,
-    /// The node may not vote after a restart.
-    Restarted {
-        /// It has not been seeded yet.
-        unseeded: bool,
-    },
 }
 
 fn bad_reply(script: &str, reply: i64) -> RedisError {
@@ -402,143 +350,5 @@ impl Op {
     }
 }
 
-impl Outcome {
-    /// The integer the script returns for this outcome.
-    #[cfg(any(test, feature = "sim"))]
-    pub fn wire(self) -> i64 {
-        match self {
-            Outcome::Acquired(Acquired::Granted { token }) => token as i64,
-            Outcome::Acquired(Acquired::Held) => 0,
-            Outcome::Acquired(Acquired::Quarantined) => -1,
-            Outcome::Acquired(Acquired::Unseeded) => -2,
-            Outcome::Released(n) => n as i64,
-            Outcome::HandedOff(token) => token.map_or(0, |t| t as i64),
-            Outcome::Verified { reset } => 1 + i64::from(reset),
-            Outcome::Extended(done)
-            | Outcome::Fenced(done)
-            | Outcome::Seeded(done)
-            | Outcome::Initialised(done)
-            | Outcome::Genesis(done) => i64::from(done),
-        }
-    }
-
-    /// How this reply counts in a round.
-    pub(crate) fn vote(self) -> Vote {
-        match self {
-            Outcome::Acquired(Acquired::Granted { token }) | Outcome::HandedOff(Some(token)) => {
-                Vote::Yes(token)
-            }
-            Outcome::Acquired(Acquired::Held) | Outcome::HandedOff(None) => Vote::No,
-            Outcome::Acquired(Acquired::Quarantined) => Vote::Restarted { unseeded: false },
-            Outcome::Acquired(Acquired::Unseeded) => Vote::Restarted { unseeded: true },
-            Outcome::Released(0) => Vote::No,
-            Outcome::Released(n) => Vote::Yes(n),
-            Outcome::Verified { .. } => Vote::Yes(1),
-            Outcome::Extended(done)
-            | Outcome::Fenced(done)
-            | Outcome::Seeded(done)
-            | Outcome::Initialised(done)
-            | Outcome::Genesis(done) => {
-                if done {
-                    Vote::Yes(1)
-                } else {
-                    Vote::No
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn values_are_128_bit_and_unique() {
-        let a = new_value();
-        let b = new_value();
-        assert_eq!(a.len(), 32);
-        assert_ne!(a, b);
-    }
-
-    #[test]
-    fn batch_numbers_follow_the_scripts_order() {
-        let keys: Arc<[String]> = Arc::from(["k".to_owned()]);
-        let ops = [
-            Op::Acquire(Acquire {
-                keys: keys.clone(),
-                value: "v".into(),
-                ttl_ms: 1,
-                quarantine_ms: 1,
-                fencing: None,
-            }),
-            Op::Release(Release {
-                keys: keys.clone(),
-                values: vec![],
-            }),
-            Op::Extend(Extend {
-                keys: keys.clone(),
-                ttl_ms: 1,
-                values: vec![],
-            }),
-            Op::Handoff(Handoff {
-                keys: keys.clone(),
-                value: "v".into(),
-                ttl_ms: 1,
-                fencing: None,
-                chain: vec![],
-            }),
-            Op::Fence(Fence {
-                keys,
-                value: "v".into(),
-                last_token: 1,
-            }),
-            Op::Seed(Seed {
-                quarantine_ms: 1,
-                nonce: "n".into(),
-                counters: vec![],
-            }),
-            Op::Init(Init {
-                nonce: "n".into(),
-                quarantine_ms: 1,
-            }),
-            Op::Verify(Verify {
-                run_id: "r".into(),
-                durable: false,
-                quarantine_ms: 1,
-                nonce: "n".into(),
-            }),
-            Op::Genesis(Genesis {
-                step: GenesisStep::Claim,
-                nonce: "n".into(),
-                decision: "d".into(),
-            }),
-        ];
-        for op in &ops {
-            assert_eq!(op.number(), scripts::number(op.script()), "{op:?}");
-        }
-    }
-
-    #[test]
-    fn every_outcome_reads_back_from_its_wire_form() {
-        let acquire = Op::Acquire(Acquire {
-            keys: Arc::from(["k".to_owned()]),
-            value: "v".into(),
-            ttl_ms: 1,
-            quarantine_ms: 1,
-            fencing: Some(3),
-        });
-        for reply in [-2, -1, 0, 1, 7] {
-            assert_eq!(acquire.decode(reply).unwrap().wire(), reply);
-        }
-        assert!(acquire.decode(-3).is_err());
-        assert_eq!(
-            acquire.args(),
-            [&b"v"[..], b"1", b"1", b"1", b"3"].map(<[u8]>::to_vec)
-        );
-        assert_eq!(
-            acquire.keys(),
-            ["k", "fencelock:fence:{k}", "fencelock:node"]
-        );
-    }
-}
+mod tests;
