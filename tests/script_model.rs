@@ -1,7 +1,7 @@
 //! The model nodes against the real scripts: seeded random sequences of every script
 //! operation (acquire, release, extend, hand-off, fence write-back, seed, init, genesis),
-//! with expiries and node wipes in between, run on one real Redis node and on one model
-//! node. Every reply and the key space after it must be identical, or the simulation proves
+//! alone or several in one batch script run, with expiries and node wipes in between, run
+//! on one real Redis node and on one model node. Every reply and the key space after it must be identical, or the simulation proves
 //! less than it seems to. `verify.lua` is left out: its input is the server's `run_id`,
 //! which the model numbers its own way; the simulation drives it on every reconnect.
 //!
@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fencelock::ops::{
-    Acquire, Extend, Fence, Genesis, GenesisStep, Handoff, Init, Op, Release, Seed,
+    Acquire, Extend, Fence, Genesis, GenesisStep, Handoff, Init, Op, Release, Seed, batch_script,
 };
 use fencelock::sim::{Bug, KeySpace, SimCluster, SimNode};
 use rand::rngs::SmallRng;
@@ -22,7 +22,7 @@ use rand::{Rng, SeedableRng};
 use redis::aio::MultiplexedConnection;
 use support::Cluster;
 
-/// Sequences per run, and operations per sequence: 2 400 operations in all.
+/// Sequences per run, and operations per sequence (at least): 2 400 operations in all.
 const SEQUENCES: u64 = 6;
 const OPS: usize = 400;
 
@@ -79,6 +79,23 @@ async fn real_key_space(conn: &mut MultiplexedConnection) -> KeySpace {
         .map(|at| at.parse::<f64>().expect("a time") - now as f64 > 1000.0);
     space.node = fields;
     space
+}
+
+/// `ops` in one run of the batch script, laid out as its header says.
+async fn run_real_batch(conn: &mut MultiplexedConnection, ops: &[Op]) -> Vec<i64> {
+    let mut call = batch_script().prepare_invoke();
+    call.arg(ops.len());
+    for op in ops {
+        let (keys, args) = (op.keys(), op.args());
+        for key in &keys {
+            call.key(key);
+        }
+        call.arg(op.number())
+            .arg(keys.len())
+            .arg(args.len())
+            .arg(args);
+    }
+    call.invoke_async(conn).await.expect("batch")
 }
 
 async fn run_real(conn: &mut MultiplexedConnection, op: &Op) -> i64 {
@@ -170,39 +187,50 @@ impl Picker {
         }
     }
 
-    /// The next step: an operation, or a wipe or a wait.
+    /// The next step: one operation or a batch of them, or a wipe or a wait.
     fn next(&mut self, space: &KeySpace) -> Step {
         match self.rng.random_range(0..100) {
             0..=1 => Step::Wipe,
             2..=4 => Step::Wait,
-            5..=29 => Step::Op(Op::Acquire(Acquire {
+            5..=14 => Step::Batch(
+                (0..self.rng.random_range(2..=4))
+                    .map(|_| self.op(space))
+                    .collect(),
+            ),
+            _ => Step::Ops(vec![self.op(space)]),
+        }
+    }
+
+    fn op(&mut self, space: &KeySpace) -> Op {
+        match self.rng.random_range(5..100) {
+            5..=29 => Op::Acquire(Acquire {
                 keys: self.keys(),
                 value: self.fresh_value(),
                 ttl_ms: self.ttl_ms(),
                 quarantine_ms: self.quarantine_ms(),
                 fencing: self.fencing(),
-            })),
-            30..=44 => Step::Op(Op::Release(Release {
+            }),
+            30..=44 => Op::Release(Release {
                 keys: self.keys(),
                 values: self.known_values(),
-            })),
-            45..=57 => Step::Op(Op::Extend(Extend {
+            }),
+            45..=57 => Op::Extend(Extend {
                 keys: self.keys(),
                 ttl_ms: self.ttl_ms(),
                 values: self.known_values(),
-            })),
-            58..=70 => Step::Op(Op::Handoff(Handoff {
+            }),
+            58..=70 => Op::Handoff(Handoff {
                 keys: self.keys(),
                 chain: self.known_values(),
                 value: self.fresh_value(),
                 ttl_ms: self.ttl_ms(),
                 fencing: self.fencing(),
-            })),
-            71..=79 => Step::Op(Op::Fence(Fence {
+            }),
+            71..=79 => Op::Fence(Fence {
                 keys: self.keys(),
                 value: self.known_value(),
                 last_token: self.rng.random_range(0..30),
-            })),
+            }),
             80..=87 => {
                 let counters = (0..self.rng.random_range(0..3))
                     .map(|_| {
@@ -213,17 +241,17 @@ impl Picker {
                         )
                     })
                     .collect();
-                Step::Op(Op::Seed(Seed {
+                Op::Seed(Seed {
                     quarantine_ms: self.quarantine_ms(),
                     nonce: self.nonce(space),
                     counters,
-                }))
+                })
             }
-            88..=92 => Step::Op(Op::Init(Init {
+            88..=92 => Op::Init(Init {
                 nonce: format!("n{:08x}", self.rng.random::<u32>()),
                 quarantine_ms: self.quarantine_ms(),
-            })),
-            _ => Step::Op(Op::Genesis(Genesis {
+            }),
+            _ => Op::Genesis(Genesis {
                 step: if self.rng.random_bool(0.5) {
                     GenesisStep::Claim
                 } else {
@@ -231,13 +259,15 @@ impl Picker {
                 },
                 nonce: self.nonce(space),
                 decision: self.decisions[self.rng.random_range(0..2)].to_owned(),
-            })),
+            }),
         }
     }
 }
 
 enum Step {
-    Op(Op),
+    /// One operation on its own (one of them), or several in one batch.
+    Ops(Vec<Op>),
+    Batch(Vec<Op>),
     Wipe,
     Wait,
 }
@@ -255,16 +285,19 @@ fn sets_short_ttl(op: &Op) -> bool {
 /// Runs one sequence on both nodes, both starting empty; the first difference is the error.
 async fn sequence(
     seed: u64,
-    ops: usize,
+    count: usize,
     conn: &mut MultiplexedConnection,
     model: &SimNode,
-) -> Result<(), String> {
+) -> Result<(usize, usize), String> {
     let _: () = redis::cmd("FLUSHALL").query_async(conn).await.unwrap();
     model.wipe();
     let mut picker = Picker::new(seed);
     let mut space = KeySpace::default();
-    for step in 0..ops {
-        let op = match picker.next(&space) {
+    let (mut done, mut in_batches) = (0, 0);
+    let mut step = 0;
+    while done < count {
+        step += 1;
+        let (ops, batched) = match picker.next(&space) {
             Step::Wipe => {
                 let _: () = redis::cmd("FLUSHALL").query_async(conn).await.unwrap();
                 model.wipe();
@@ -274,30 +307,41 @@ async fn sequence(
                 tokio::time::sleep(EXPIRY_WAIT).await;
                 continue;
             }
-            Step::Op(op) => op,
+            Step::Ops(ops) => (ops, false),
+            Step::Batch(ops) => (ops, true),
         };
-        let real = run_real(conn, &op).await;
-        let modelled = model.execute(&op);
-        let outcome = op.decode(real).map_err(|e| format!("{e}"));
-        if real != modelled {
-            return Err(format!(
-                "seed {seed}, step {step}: {op:?}\n  script: {real} ({outcome:?})\n  model:  {modelled} ({:?})",
-                op.decode(modelled)
-            ));
+        let real = if batched {
+            run_real_batch(conn, &ops).await
+        } else {
+            vec![run_real(conn, &ops[0]).await]
+        };
+        for (op, real) in ops.iter().zip(real) {
+            let modelled = model.execute(op);
+            let outcome = op.decode(real).map_err(|e| format!("{e}"));
+            if real != modelled {
+                return Err(format!(
+                    "seed {seed}, step {step} (batched: {batched}): {op:?}\n  script: {real} ({outcome:?})\n  model:  {modelled} ({:?})",
+                    op.decode(modelled)
+                ));
+            }
         }
-        if sets_short_ttl(&op) {
+        done += ops.len();
+        if batched {
+            in_batches += ops.len();
+        }
+        if ops.iter().any(sets_short_ttl) {
             tokio::time::sleep(EXPIRY_WAIT).await;
         }
         let real_space = real_key_space(conn).await;
         let model_space = model.key_space();
         if real_space != model_space {
             return Err(format!(
-                "seed {seed}, step {step}: after {op:?} ({outcome:?})\n  script: {real_space:?}\n  model:  {model_space:?}"
+                "seed {seed}, step {step}: after {ops:?}\n  script: {real_space:?}\n  model:  {model_space:?}"
             ));
         }
         space = real_space;
     }
-    Ok(())
+    Ok((done, in_batches))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,17 +358,23 @@ async fn the_model_answers_as_the_scripts_do_and_a_planted_difference_is_found()
         }
     };
     let model = SimCluster::new(1, 0);
+    let (mut done, mut in_batches) = (0, 0);
     for &seed in &seeds {
-        if let Err(difference) = sequence(seed, OPS, &mut conn, model.node(0)).await {
-            cluster.teardown().await;
-            panic!(
-                "the model differs from the scripts (replay with SCRIPT_MODEL_SEED={seed}):\n{difference}"
-            );
+        match sequence(seed, OPS, &mut conn, model.node(0)).await {
+            Ok((ops, batched)) => {
+                done += ops;
+                in_batches += batched;
+            }
+            Err(difference) => {
+                cluster.teardown().await;
+                panic!(
+                    "the model differs from the scripts (replay with SCRIPT_MODEL_SEED={seed}):\n{difference}"
+                );
+            }
         }
     }
     eprintln!(
-        "{} operations, model and scripts identical, in {:?}",
-        seeds.len() * OPS,
+        "{done} operations ({in_batches} of them in batches), model and scripts identical, in {:?}",
         started.elapsed()
     );
 

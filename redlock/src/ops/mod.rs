@@ -213,6 +213,13 @@ fn with_fence_keys(keys: &[String], fenced: bool) -> Vec<String> {
     out
 }
 
+/// The batch script: several operations in one script run (see `scripts::BATCH` for its
+/// KEYS and ARGV), as a node's driver sends the calls queued while the node is busy.
+#[cfg(feature = "sim")]
+pub fn batch_script() -> &'static Script {
+    &scripts::BATCH
+}
+
 impl Op {
     /// The script this operation runs.
     pub fn script(&self) -> &'static Script {
@@ -230,7 +237,7 @@ impl Op {
     }
 
     /// The script's number in the batch script.
-    pub(crate) fn number(&self) -> usize {
+    pub fn number(&self) -> usize {
         match self {
             Op::Acquire(_) => 1,
             Op::Release(_) => 2,
