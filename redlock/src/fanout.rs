@@ -4,6 +4,7 @@
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
 use std::sync::Arc;
+#[cfg(feature = "sim")]
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -36,6 +37,7 @@ pub(crate) enum Until {
 }
 
 /// How long calls a round no longer waits for may still finish in the background.
+#[cfg(feature = "sim")]
 const STRAGGLER_GRACE: Duration = Duration::from_secs(30);
 
 /// One node's call in a round.
@@ -249,6 +251,7 @@ impl Fanout {
         // grants by itself. A model node's calls live in their futures: let those finish
         // in the background rather than drop them, so that each keeps its place in the
         // node's order, and a stalled node's calls end with the grace.
+        #[cfg(feature = "sim")]
         if calls.iter().any(|c| matches!(c, Slot::Out(_)))
             && nodes.iter().any(Node::needs_drain)
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
@@ -380,6 +383,8 @@ impl Fanout {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
     use super::*;
 
     #[test]

@@ -110,6 +110,7 @@ impl Node {
     /// Whether calls whose replies a round stops waiting for must still be polled to
     /// completion (and their late grants taken back) by the caller. A Redis node's driver
     /// does both by itself.
+    #[cfg(feature = "sim")]
     pub(crate) fn needs_drain(&self) -> bool {
         match &self.backend {
             Backend::Redis { .. } => false,
@@ -337,6 +338,7 @@ impl Node {
     /// node whose configuration is refused (see `NodePolicy`) is a configuration error;
     /// any other failure is the node's, to retry in the background.
     pub(crate) async fn warm_up(&self, timeout: Duration) -> Result<(), Error> {
+        #[cfg(feature = "sim")]
         if self.needs_drain() {
             // A model node has no connection to open.
             return Ok(());
