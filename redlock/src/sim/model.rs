@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use super::{Bug, Planted};
+use super::switches::{Bug, Planted};
 use crate::ops::{Acquire, Acquired, Genesis, GenesisStep, Init, Op, Outcome, Verify};
 use crate::scripts;
 
