@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use fencelock::sim::SimCluster;
+use fencelock::sim::{SimCluster, SimOptions};
 use fencelock::{Error, ErrorKind, Redlock, RedlockBuilder, RetryPolicy};
 use support::{Cluster, TEST_NODE_TIMEOUT};
 
@@ -105,15 +105,19 @@ async fn keys_are_never_free_during_hand_offs_without_rounds() {
 async fn chain_against_an_intruder(swap_every_hand_off: bool) {
     const TASKS: usize = 80;
     let cluster = Cluster::start(3).await;
-    let mut builder = Redlock::builder()
+    let builder = Redlock::builder()
         .nodes(cluster.urls())
         .node_timeout(TEST_NODE_TIMEOUT)
         .max_local_handoffs(usize::MAX)
         .fencing(true);
-    if swap_every_hand_off {
-        builder = builder.swap_every_hand_off();
+    let locks = if swap_every_hand_off {
+        builder
+            .build_with(SimOptions::default().swap_every_hand_off())
+            .await
+    } else {
+        builder.build().await
     }
-    let locks = builder.build().await.unwrap();
+    .unwrap();
     // Held on every node before the intruder starts, so a win can only come from a gap.
     let first = locks
         .lock("local:chain", Duration::from_secs(10))
@@ -225,8 +229,7 @@ fn a_slow_nodes_late_grants_stay_with_the_chain() {
         // Hand-offs here are all swap rounds, whose late grants this is about.
         let locks = model_builder()
             .max_local_handoffs(usize::MAX)
-            .swap_every_hand_off()
-            .build_simulated(&cluster)
+            .build_simulated_with(&cluster, SimOptions::default().swap_every_hand_off())
             .await
             .unwrap();
         let first = locks
@@ -519,8 +522,7 @@ fn extend_renews_a_node_that_missed_a_hand_off() {
     on_paused_clock(async {
         let cluster = SimCluster::new(3, 9);
         let locks = model_builder()
-            .swap_every_hand_off()
-            .build_simulated(&cluster)
+            .build_simulated_with(&cluster, SimOptions::default().swap_every_hand_off())
             .await
             .unwrap();
         let first = locks.lock(KEY, Duration::from_secs(1)).await.unwrap();

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use fencelock::sim::{Bug, SimCluster};
+use fencelock::sim::{Bug, SimCluster, SimOptions};
 use fencelock::{ErrorKind, LockState, LostReason, MAX_TTL, Redlock, RetryPolicy, WatchdogConfig};
 use tokio::time::{Instant, sleep, sleep_until};
 
@@ -25,8 +25,7 @@ async fn client(cluster: &SimCluster, quarantine: Duration) -> Redlock {
         .fencing(true)
         .restart_quarantine(quarantine)
         .retry(RetryPolicy::never())
-        .jitter_seed(1)
-        .build_simulated(cluster)
+        .build_simulated_with(cluster, SimOptions::default().jitter_seed(1))
         .await
         .unwrap()
 }

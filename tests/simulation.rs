@@ -21,7 +21,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fencelock::sim::{Bug, SimCluster};
+use fencelock::sim::{Bug, SimCluster, SimOptions};
 use fencelock::{LockGuard, LockState, Redlock, RetryPolicy};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -285,8 +285,8 @@ fn run(seed: u64, mode: Mode) -> Result<(Vec<Holding>, Faults), String> {
                     40,
                     Duration::from_millis(2),
                     Duration::from_millis(8),
-                ))
-                .jitter_seed(seed ^ (c << 32));
+                ));
+            let options = SimOptions::default().jitter_seed(seed ^ (c << 32));
             if mode != Mode::Planted(Bug::NoFenceWriteBack) && c == 0 && seed % 2 == 1 {
                 // In every other schedule one client passes the lock along for as long as
                 // its workers want it, so that chains outlive the TTL and their reserved
@@ -294,7 +294,8 @@ fn run(seed: u64, mode: Mode) -> Result<(Vec<Holding>, Faults), String> {
                 builder = builder.max_local_handoffs(usize::MAX);
             }
             let cluster = cluster.clone();
-            let build = tokio::spawn(async move { builder.build_simulated(&cluster).await });
+            let build =
+                tokio::spawn(async move { builder.build_simulated_with(&cluster, options).await });
             clients.push(futures_util::FutureExt::shared(
                 futures_util::FutureExt::map(build, |b| b.unwrap().unwrap()),
             ));

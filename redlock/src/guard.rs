@@ -8,10 +8,10 @@ use tokio::time::Instant;
 
 use tracing::Instrument;
 
-use crate::client::{Granted, Redlock};
 use crate::error::{Error, LostReason};
 use crate::local::LocalTurn;
 use crate::quorum::Decision;
+use crate::shared::{Granted, Shared};
 
 /// A held lock on one or more resources.
 ///
@@ -24,7 +24,7 @@ use crate::quorum::Decision;
 /// side effects, or better, hand a fencing token to the resource you protect.
 #[must_use = "dropping the guard releases the lock at once; bind it with `let guard = ...`"]
 pub struct LockGuard {
-    client: Redlock,
+    shared: Arc<Shared>,
     keys: Arc<[String]>,
     ttl: Duration,
     /// Values, validity, token and hand-off state. Its `over` flag is set once this
@@ -48,14 +48,14 @@ impl fmt::Debug for LockGuard {
 
 impl LockGuard {
     pub(crate) fn new(
-        client: Redlock,
+        shared: Arc<Shared>,
         keys: Arc<[String]>,
         ttl: Duration,
         granted: Granted,
         turn: Option<LocalTurn>,
     ) -> Self {
         LockGuard {
-            client,
+            shared,
             keys,
             ttl,
             held: granted,
@@ -63,8 +63,8 @@ impl LockGuard {
         }
     }
 
-    pub(crate) fn client(&self) -> &Redlock {
-        &self.client
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
     }
 
     /// The resource locked (the first, in sorted order, of a multi-resource lock).
@@ -145,9 +145,9 @@ impl LockGuard {
     /// releases every node.
     pub async fn extend(&mut self, ttl: Duration) -> Result<(), Error> {
         if !self.is_valid() {
-            return Err(self.client.lost(&self.keys, LostReason::Expired));
+            return Err(self.shared.lost(&self.keys, LostReason::Expired));
         }
-        self.client.check_ttl(ttl)?;
+        self.shared.check_ttl(ttl)?;
         let span = tracing::info_span!(
             "fencelock.extend",
             resource = %self.keys[0],
@@ -155,13 +155,14 @@ impl LockGuard {
             quorum_margin = tracing::field::Empty,
         );
         let start = Instant::now();
-        let new_valid_until = crate::clock::after(start, ttl - self.client.drift(ttl));
+        let new_valid_until = crate::clock::after(start, ttl - self.shared.drift(ttl));
         let previous = self.held.valid_until;
         // From the moment it is sent, the new TTL may land on any node, whatever we hear
         // back: a shorter one shortens the lock now, and a failure cannot undo that.
         self.held.valid_until = previous.min(new_valid_until);
         let replies = self
-            .client
+            .shared
+            .fanout
             .extend_all(&self.keys, &self.held.values, ttl, self.held.valid_until)
             .instrument(span.clone())
             .await;
@@ -175,14 +176,14 @@ impl LockGuard {
             }
             // Granted, but only after our previous validity ran out: someone else may have
             // held it in between by our clock's reckoning.
-            Decision::Reached => Err(self.client.lost(&self.keys, LostReason::Expired)),
+            Decision::Reached => Err(self.shared.lost(&self.keys, LostReason::Expired)),
             // Only when the refusals alone rule out a quorum is the lock certainly gone;
             // with failed nodes in the mix it may still be ours until its old deadline.
             _ if tally.refusals_alone_prevent_quorum() => {
                 self.held.valid_until = Instant::now().min(self.held.valid_until);
-                Err(self.client.lost(&self.keys, LostReason::NotOwned))
+                Err(self.shared.lost(&self.keys, LostReason::NotOwned))
             }
-            _ if planted!(self.client, ExtendKeepsLongerDeadline) => {
+            _ if planted!(self.shared, ExtendKeepsLongerDeadline) => {
                 self.held.valid_until = previous;
                 Err(Error::NoQuorum {
                     resource: self.keys[0].clone(),
@@ -226,18 +227,19 @@ impl LockGuard {
         self.held.end();
         let span = tracing::info_span!("fencelock.release", resource = %self.keys[0], deleted = tracing::field::Empty);
         let outcome = self
-            .client
+            .shared
+            .fanout
             .release_all(&self.keys, &self.held.values, true)
             .instrument(span.clone())
             .await;
         span.record("deleted", outcome.deleted);
         drop(turn);
-        let quorum = self.client.quorum();
+        let quorum = self.shared.quorum();
         if expired {
-            Err(self.client.lost(&self.keys, LostReason::Expired))
+            Err(self.shared.lost(&self.keys, LostReason::Expired))
         } else if outcome.deleted >= quorum {
             Ok(())
-        } else if outcome.failures.len() > self.client.nodes().len() - quorum {
+        } else if outcome.failures.len() > self.shared.fanout.nodes().len() - quorum {
             Err(Error::NoQuorum {
                 resource: self.keys[0].clone(),
                 operation: "release",
@@ -246,7 +248,7 @@ impl LockGuard {
                 failures: outcome.failures,
             })
         } else {
-            Err(self.client.lost(&self.keys, LostReason::NotOwned))
+            Err(self.shared.lost(&self.keys, LostReason::NotOwned))
         }
     }
 
@@ -276,8 +278,9 @@ impl Drop for LockGuard {
         }
         if let Some(turn) = turn {
             self.held.end();
-            self.client
-                .spawn_release(self.keys.clone(), self.held.values.clone(), Some(turn));
+            self.shared
+                .fanout
+                .spawn_release(self.keys.clone(), self.held.values.clone(), turn);
         }
     }
 }

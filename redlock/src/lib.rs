@@ -52,30 +52,43 @@ macro_rules! planted {
     }};
 }
 
+mod acquire;
 mod builder;
 mod client;
 mod clock;
 mod error;
+mod fanout;
 mod guard;
 mod local;
 mod node;
+/// The typed contract with the Lua scripts (public with feature `sim`, for the
+/// differential test of the model nodes against the real scripts).
+#[cfg(feature = "sim")]
+pub mod ops;
+#[cfg(not(feature = "sim"))]
+#[allow(unreachable_pub)]
+mod ops;
 mod quorum;
 mod restart;
 mod retry;
+mod scoped;
 mod scripts;
+mod shared;
 #[cfg(feature = "sim")]
 pub mod sim;
 mod watchdog;
 
 pub use builder::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRIFT_FACTOR, DEFAULT_MAX_LOCAL_HANDOFFS,
-    DEFAULT_NODE_TIMEOUT, DEFAULT_RESTART_QUARANTINE, MAX_TTL, RedlockBuilder,
+    DEFAULT_NODE_TIMEOUT, DEFAULT_RESTART_QUARANTINE, RedlockBuilder,
 };
 pub use client::Redlock;
 pub use error::{ConfigError, Error, ErrorKind, LostReason, NodeFailure};
 pub use guard::LockGuard;
 pub use retry::RetryPolicy;
-pub use watchdog::{AutoExtend, LockHealth, LockState, ScopedError, WatchdogConfig};
+pub use scoped::ScopedError;
+pub use shared::MAX_TTL;
+pub use watchdog::{AutoExtend, LockHealth, LockState, WatchdogConfig};
 
 #[cfg(test)]
 mod send_sync {

@@ -2,33 +2,26 @@
 //! that only one of them contends in Redis, and the lock can pass from one to the next
 //! without being released and acquired again.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::Arc;
 
-use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+use tokio::sync::OwnedMutexGuard;
 
-use crate::client::{Granted, Redlock};
 use crate::error::Error;
 use crate::retry::RetryPolicy;
+use crate::shared::{Granted, Shared, Slot};
 
-/// A lock left by the previous holder in this process for the next one, as that holder
-/// had it: on each node the keys hold one of its `values`, the values of the hand-off
-/// chain so far (a node that missed a hand-off, because a round decided without it, still
-/// holds an earlier one).
-pub(crate) type Baton = Granted;
-
-type Slot = Arc<AsyncMutex<Option<Baton>>>;
-
-/// One slot per resource that some task of this process holds or waits for.
-pub(crate) type Slots = StdMutex<HashMap<String, Slot>>;
-
+/// A lock left by the previous holder in this process for the next one is the holder's
+/// [`Granted`] as it had it: on each node the keys hold one of its `values`, the values of
+/// the hand-off chain so far (a node that missed a hand-off, because a round decided
+/// without it, still holds an earlier one).
+///
 /// This process's turn at some resources. Held by the guard, and by a spawned release, so
 /// the next local waiter starts only once our keys are gone from the nodes or handed over.
 pub(crate) struct LocalTurn {
-    client: Redlock,
+    shared: Arc<Shared>,
     keys: Arc<[String]>,
-    guards: Vec<OwnedMutexGuard<Option<Baton>>>,
+    guards: Vec<OwnedMutexGuard<Option<Granted>>>,
 }
 
 impl fmt::Debug for LocalTurn {
@@ -43,19 +36,19 @@ impl LocalTurn {
     /// Waits for this process's turn at `keys` (sorted): immediately for a policy without
     /// waits, else for at most the policy's total wait.
     pub(crate) async fn wait(
-        client: &Redlock,
+        shared: &Arc<Shared>,
         keys: &Arc<[String]>,
         policy: RetryPolicy,
     ) -> Result<LocalTurn, Error> {
         let slots: Vec<Slot> = {
-            let mut map = client.slots().lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = shared.local.lock().unwrap_or_else(|p| p.into_inner());
             keys.iter()
                 .map(|k| map.entry(k.clone()).or_default().clone())
                 .collect()
         };
         // Constructed first so that an early return cleans the map up through Drop.
         let mut turn = LocalTurn {
-            client: client.clone(),
+            shared: shared.clone(),
             keys: keys.clone(),
             guards: Vec::with_capacity(slots.len()),
         };
@@ -63,7 +56,7 @@ impl LocalTurn {
             resource: keys[0].clone(),
             held_elsewhere: 0,
             granted: 0,
-            quorum: client.quorum(),
+            quorum: shared.quorum(),
             attempts: 0,
         };
         let budget = policy.max_total_wait();
@@ -85,8 +78,8 @@ impl LocalTurn {
     /// Takes what a previous holder in this process left. A single-resource turn gets the
     /// baton to swap; batons in a multi-resource turn's slots are released, since a swap
     /// needs every key to hold one value.
-    pub(crate) async fn take_baton(&mut self) -> Option<Baton> {
-        let mut batons: Vec<(String, Baton)> = self
+    pub(crate) async fn take_baton(&mut self) -> Option<Granted> {
+        let mut batons: Vec<(String, Granted)> = self
             .keys
             .iter()
             .zip(self.guards.iter_mut())
@@ -98,7 +91,10 @@ impl LocalTurn {
         for (key, baton) in batons {
             baton.end();
             // If this future is dropped here, the remaining batons' keys expire with their TTL.
-            self.client.release_all(&[key], &baton.values, true).await;
+            self.shared
+                .fanout
+                .release_all(&Arc::from([key]), &baton.values, true)
+                .await;
         }
         None
     }
@@ -112,7 +108,7 @@ impl LocalTurn {
             return false;
         };
         // The map holds one reference and this guard another; any more are waiters.
-        if held.handoffs >= self.client.max_local_handoffs()
+        if held.handoffs >= self.shared.max_local_handoffs
             || Arc::strong_count(OwnedMutexGuard::mutex(slot)) <= 2
         {
             return false;
@@ -130,11 +126,7 @@ impl Drop for LocalTurn {
         // slot was handed to a waiter that gave up: release it.
         let mut orphans = Vec::new();
         {
-            let mut map = self
-                .client
-                .slots()
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut map = self.shared.local.lock().unwrap_or_else(|p| p.into_inner());
             for key in self.keys.iter() {
                 if map.get(key).is_some_and(|s| Arc::strong_count(s) == 1)
                     && let Some(slot) = map.remove(key)
@@ -146,8 +138,9 @@ impl Drop for LocalTurn {
         }
         for (key, baton) in orphans {
             baton.end();
-            self.client
-                .spawn_release(Arc::from([key]), baton.values, None);
+            self.shared
+                .fanout
+                .spawn_release(Arc::from([key]), baton.values, ());
         }
     }
 }

@@ -19,38 +19,39 @@
 //! applied cannot open a node either.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::future::join_all;
 
-use crate::client::Redlock;
-use crate::node::{Node, NodeState, ToRedisArgsDyn};
-use crate::scripts;
+use crate::node::Node;
+use crate::ops::{Genesis, GenesisStep, NodeState, Op, Outcome, Seed, new_value};
+use crate::shared::Shared;
 
 /// Seeding reads every counter of a node; it gets more time than a lock round.
 const SEED_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Clears the client's seeding flag however the seeding ends, cancellation included.
-struct SeedingFlag<'a>(&'a Redlock);
+struct SeedingFlag<'a>(&'a Shared);
 
 impl Drop for SeedingFlag<'_> {
     fn drop(&mut self) {
-        self.0.seeding_flag().store(false, Ordering::SeqCst);
+        self.0.seeding.store(false, Ordering::SeqCst);
     }
 }
 
-impl Redlock {
+impl Shared {
     /// Seeds every reachable node that came up empty. Returns whether any node was seeded.
     ///
     /// Idempotent and safe to run from several clients at once: seeding only raises
     /// counters. One client runs one seeding at a time.
     pub(crate) async fn seed_nodes(&self) -> bool {
-        if self.seeding_flag().swap(true, Ordering::SeqCst) {
+        if self.seeding.swap(true, Ordering::SeqCst) {
             return false;
         }
         let _flag = SeedingFlag(self);
-        let nodes = self.inner_nodes();
+        let nodes = self.fanout.nodes();
         let quorum = self.quorum();
         let quarantine_ms = self.quarantine_ms();
         let states = join_all(
@@ -115,19 +116,16 @@ impl Redlock {
             );
             return false;
         };
-        let mut keys: Vec<String> = vec![scripts::NODE_KEY.to_owned()];
-        let mut values: Vec<i64> = Vec::with_capacity(counters.len());
-        for (k, v) in counters {
-            keys.push(k);
-            values.push(v);
-        }
+        let counters: Vec<(String, i64)> = counters.into_iter().collect();
         let mut any = false;
         for (node, nonce) in unseeded {
-            let mut args: Vec<&dyn ToRedisArgsDyn> = vec![&quarantine_ms, &nonce];
-            args.extend(values.iter().map(|v| v as &dyn ToRedisArgsDyn));
-            let seed = node.eval(&scripts::SEED, &keys, &args, None);
+            let seed = node.run(Op::Seed(Seed {
+                quarantine_ms,
+                nonce,
+                counters: counters.clone(),
+            }));
             match tokio::time::timeout(SEED_TIMEOUT, seed).await {
-                Ok(Ok(0)) => tracing::info!(
+                Ok(Ok(Outcome::Seeded(false))) => tracing::info!(
                     node = node.addr(),
                     "seeding refused: the node's state changed since it was read (it restarted again)"
                 ),
@@ -135,7 +133,7 @@ impl Redlock {
                     any = true;
                     tracing::info!(
                         node = node.addr(),
-                        counters = keys.len() - 1,
+                        counters = counters.len(),
                         "seeded a node that came up empty"
                     );
                 }
@@ -152,21 +150,25 @@ impl Redlock {
     /// the cluster, a node restarted since): a node that changed refuses the claim, so a
     /// stale decision claims no quorum and opens nothing.
     async fn open_new_cluster(&self, unseeded: &[(&Node, String)]) -> bool {
-        let decision = crate::client::new_value();
-        let step = |step: &'static str, nodes: Vec<&(&Node, String)>| {
+        let decision = new_value();
+        let step = |step: GenesisStep, nodes: Vec<&(&Node, String)>| {
             join_all(nodes.into_iter().map(|(node, nonce)| {
-                let call = node.eval(
-                    &scripts::GENESIS,
-                    &[scripts::NODE_KEY.to_owned()],
-                    &[&step, nonce, &decision],
-                    None,
-                );
-                async move { matches!(tokio::time::timeout(SEED_TIMEOUT, call).await, Ok(Ok(1))) }
+                let call = node.run(Op::Genesis(Genesis {
+                    step,
+                    nonce: nonce.clone(),
+                    decision: decision.clone(),
+                }));
+                async move {
+                    matches!(
+                        tokio::time::timeout(SEED_TIMEOUT, call).await,
+                        Ok(Ok(Outcome::Genesis(true)))
+                    )
+                }
             }))
         };
         let claimed: Vec<&(&Node, String)> = unseeded
             .iter()
-            .zip(step("claim", unseeded.iter().collect()).await)
+            .zip(step(GenesisStep::Claim, unseeded.iter().collect()).await)
             .filter_map(|(node, claimed)| claimed.then_some(node))
             .collect();
         let claims = claimed.len();
@@ -177,7 +179,7 @@ impl Redlock {
             );
             return false;
         }
-        let opened = step("open", claimed)
+        let opened = step(GenesisStep::Open, claimed)
             .await
             .into_iter()
             .filter(|o| *o)
@@ -187,11 +189,11 @@ impl Redlock {
     }
 
     /// Seeds in the background, for an acquisition that succeeded without the empty nodes.
-    pub(crate) fn spawn_seed(&self) {
+    pub(crate) fn spawn_seed(self: &Arc<Self>) {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let client = self.clone();
+            let shared = self.clone();
             handle.spawn(async move {
-                client.seed_nodes().await;
+                shared.seed_nodes().await;
             });
         }
     }

@@ -14,7 +14,8 @@ pub(crate) static ACQUIRE: LazyLock<Script> =
     LazyLock::new(|| Script::new(&format!("{PRELUDE}{}", SOURCES[0])));
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[1]));
 pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[2]));
-pub(crate) static HANDOFF: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[3]));
+pub(crate) static HANDOFF: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{PRELUDE}{}", SOURCES[3])));
 pub(crate) static FENCE: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[4]));
 pub(crate) static SEED: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[5]));
 pub(crate) static INIT: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[6]));
@@ -44,9 +45,9 @@ fn batch_source() -> String {
     lua
 }
 
-/// Declared before the acquire script's body, on its own and once per batch: whether the
-/// node's `ready` marker was already seen in this script run.
-const PRELUDE: &str = "local ready_checked = false\n";
+/// Declared before the acquire and hand-off scripts' bodies, on their own and once per
+/// batch: what they share.
+const PRELUDE: &str = include_str!("scripts/prelude.lua");
 
 /// The scripts' sources, in the order of [`all`].
 const SOURCES: [&str; 9] = [
@@ -62,6 +63,7 @@ const SOURCES: [&str; 9] = [
 ];
 
 /// The number [`BATCH`] knows `script` by.
+#[cfg(test)]
 pub(crate) fn number(script: &Script) -> usize {
     all()
         .iter()
@@ -88,6 +90,7 @@ pub(crate) fn fence_key(resource: &str) -> String {
 }
 
 /// Every script but [`BATCH`], in the order [`BATCH`] numbers them.
+#[cfg(test)]
 pub(crate) fn all() -> [&'static Script; 9] {
     [
         &ACQUIRE, &RELEASE, &EXTEND, &HANDOFF, &FENCE, &SEED, &INIT, &VERIFY, &GENESIS,

@@ -2,7 +2,6 @@
 //! the work when the lock is at risk, before it is lost.
 
 use std::fmt;
-use std::future::Future;
 use std::pin::pin;
 use std::time::Duration;
 
@@ -12,7 +11,6 @@ use futures_util::future::{Either, select};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::client::Redlock;
 use crate::clock;
 use crate::error::{Error, ErrorKind, LostReason};
 use crate::guard::LockGuard;
@@ -109,7 +107,7 @@ pub struct WatchdogConfig {
     max_hold: Duration,
     max_extensions: u32,
     at_risk_fraction: f64,
-    cancel_on_loss: bool,
+    pub(crate) cancel_on_loss: bool,
 }
 
 impl Default for WatchdogConfig {
@@ -150,7 +148,7 @@ impl WatchdogConfig {
         self
     }
 
-    /// Whether [`Redlock::using`] drops the work's future when the lock is lost (default
+    /// Whether [`Redlock::using`](crate::Redlock::using) drops the work's future when the lock is lost (default
     /// true). When false, the work runs to its end and must watch [`LockHealth`] itself.
     pub fn cancel_on_loss(mut self, cancel: bool) -> Self {
         self.cancel_on_loss = cancel;
@@ -180,7 +178,7 @@ impl AutoExtend {
     pub(crate) fn start(guard: LockGuard, config: WatchdogConfig) -> Self {
         let (tx, rx) = watch::channel(LockState::Held);
         let (stop_tx, stop_rx) = oneshot::channel();
-        let never_ends = planted!(guard.client(), HealthNeverEnds);
+        let never_ends = planted!(guard.shared(), HealthNeverEnds);
         let health = LockHealth {
             rx,
             token: guard.fencing_token(),
@@ -238,7 +236,7 @@ impl Drop for AutoExtend {
 /// more tries fit before it runs out. Counted from the validity the guard has, not from
 /// now: a guard handed over with little validity left is extended at once.
 fn next_extension(guard: &LockGuard, ttl: Duration) -> Instant {
-    if planted!(guard.client(), WatchdogIgnoresValidity) {
+    if planted!(guard.shared(), WatchdogIgnoresValidity) {
         return clock::after(Instant::now(), ttl / 3);
     }
     clock::after(
@@ -259,7 +257,7 @@ async fn watch_lock(
     let mut extensions = 0u32;
     let mut next = next_extension(&guard, ttl);
     let mut failing = false;
-    let ignores_validity = planted!(guard.client(), WatchdogIgnoresValidity);
+    let ignores_validity = planted!(guard.shared(), WatchdogIgnoresValidity);
     // Set once a limit stops the extensions; the lock then runs out its validity.
     let mut limit: Option<LostReason> = None;
     loop {
@@ -339,147 +337,6 @@ fn replace(slot: &mut LockState, new: LockState) -> bool {
 async fn wait_for_stop(guard: LockGuard, stop: oneshot::Receiver<()>) -> LockGuard {
     let _ = stop.await;
     guard
-}
-
-/// What [`Redlock::using`] returns on failure.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum ScopedError<E> {
-    /// The lock could not be taken; the work did not run.
-    Acquire(Error),
-    /// The work returned an error while the lock held; the lock was released.
-    Work(E),
-    /// The lock was lost while the work ran (its future was dropped, unless
-    /// `cancel_on_loss` is off) or was found lost at release. Carries the work's own error,
-    /// if it returned one, so that nothing is hidden.
-    Lost {
-        /// Why the lock is lost.
-        error: Error,
-        /// The work's own error, if it finished with one.
-        work: Option<E>,
-    },
-}
-
-impl<E: fmt::Display> fmt::Display for ScopedError<E> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ScopedError::Acquire(e) => write!(f, "could not take the lock: {e}"),
-            ScopedError::Work(e) => write!(f, "the work under the lock failed: {e}"),
-            ScopedError::Lost { error, work: None } => write!(f, "{error}"),
-            ScopedError::Lost {
-                error,
-                work: Some(work),
-            } => write!(f, "{error}; the work also failed: {work}"),
-        }
-    }
-}
-
-impl<E: fmt::Debug + fmt::Display> std::error::Error for ScopedError<E> {}
-
-impl Redlock {
-    /// Runs `work` under a lock on `resources`, kept alive by a watchdog that extends it at
-    /// about ttl/3, with the default [`WatchdogConfig`].
-    ///
-    /// `work` gets a [`LockHealth`] that turns [`AtRisk`](LockState::AtRisk) before the lock
-    /// can expire and [`Lost`](LockState::Lost) when it has. When the lock is lost, the
-    /// work's future is dropped and the call returns [`ScopedError::Lost`]. The lock is
-    /// released when the work ends, and a release that finds the lock gone is reported, not
-    /// hidden behind the work's result.
-    ///
-    /// # Errors
-    ///
-    /// [`ScopedError::Acquire`] when the lock cannot be taken, [`ScopedError::Work`] for the
-    /// work's own error, [`ScopedError::Lost`] when the lock was lost.
-    ///
-    /// # Cancel safety
-    ///
-    /// If the future is dropped, the work's future is dropped with it and the lock is
-    /// released in the background.
-    pub async fn using<F, Fut, T, E>(
-        &self,
-        resources: &[&str],
-        ttl: Duration,
-        work: F,
-    ) -> Result<T, ScopedError<E>>
-    where
-        F: FnOnce(LockHealth) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-    {
-        self.using_with(resources, ttl, WatchdogConfig::default(), work)
-            .await
-    }
-
-    /// [`using`](Self::using) with explicit watchdog settings.
-    ///
-    /// # Errors
-    ///
-    /// As [`using`](Self::using).
-    ///
-    /// # Cancel safety
-    ///
-    /// As [`using`](Self::using).
-    pub async fn using_with<F, Fut, T, E>(
-        &self,
-        resources: &[&str],
-        ttl: Duration,
-        config: WatchdogConfig,
-        work: F,
-    ) -> Result<T, ScopedError<E>>
-    where
-        F: FnOnce(LockHealth) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-    {
-        let guard = self
-            .lock_many(resources, ttl)
-            .await
-            .map_err(ScopedError::Acquire)?;
-        let watched = guard.auto_extend_with(config);
-        let health = watched.health();
-        let outcome = {
-            let work = pin!(work(health.clone()));
-            if config.cancel_on_loss {
-                match select(work, pin!(health.lost())).await {
-                    Either::Left((result, _)) => Some(result),
-                    Either::Right(_) => None,
-                }
-            } else {
-                Some(work.await)
-            }
-        };
-        let guard = watched.stop().await;
-        let resource = guard.resource().to_owned();
-        let released = guard.release().await;
-        let lost = |reason| Error::Lost {
-            resource: resource.clone(),
-            reason,
-        };
-        match (outcome, released) {
-            (Some(Ok(v)), Ok(())) => Ok(v),
-            (Some(Err(e)), Ok(())) => Err(ScopedError::Work(e)),
-            (Some(result), Err(error)) if error.kind() == ErrorKind::Lost => {
-                Err(ScopedError::Lost {
-                    error,
-                    work: result.err(),
-                })
-            }
-            // The lock held to the end; only the release could not reach every node, and
-            // what it left expires with the TTL. The work's result stands.
-            (Some(result), Err(error)) => {
-                tracing::warn!(%resource, %error, "release after scoped work failed; keys expire with their TTL");
-                result.map_err(ScopedError::Work)
-            }
-            // The watchdog knows best why the lock went (a limit, or the nodes); the
-            // release, which found it gone, adds nothing.
-            (None, released) => Err(ScopedError::Lost {
-                error: match (health.state(), released) {
-                    (LockState::Lost(reason), _) => lost(reason),
-                    (_, Err(error)) => error,
-                    (_, Ok(())) => lost(LostReason::Expired),
-                },
-                work: None,
-            }),
-        }
-    }
 }
 
 impl LockGuard {

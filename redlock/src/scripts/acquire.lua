@@ -83,16 +83,6 @@ if fenced and n == 1 then
   local reserved = tonumber(ARGV[5])
   token = redis.call('INCRBY', KEYS[2], 1 + reserved) - reserved
 elseif fenced then
-  local highest = 0
-  for i = n + 1, 2 * n do
-    local f = tonumber(redis.call('GET', KEYS[i]) or '0')
-    if f > highest then
-      highest = f
-    end
-  end
-  token = highest + 1
-  for i = n + 1, 2 * n do
-    redis.call('SET', KEYS[i], token + tonumber(ARGV[5]))
-  end
+  token = next_token(KEYS, n, tonumber(ARGV[5]))
 end
 return token

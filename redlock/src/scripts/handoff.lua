@@ -37,17 +37,7 @@ for i = 1, n do
 end
 local token = 1
 if fenced then
-  local highest = 0
-  for i = n + 1, 2 * n do
-    local f = tonumber(redis.call('GET', KEYS[i]) or '0')
-    if f > highest then
-      highest = f
-    end
-  end
-  token = highest + 1
-  for i = n + 1, 2 * n do
-    redis.call('SET', KEYS[i], token + tonumber(ARGV[4]))
-  end
+  token = next_token(KEYS, n, tonumber(ARGV[4]))
 end
 for i = 1, n do
   redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])

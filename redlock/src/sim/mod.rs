@@ -21,7 +21,6 @@
 //!
 //! [`RedlockBuilder::build_simulated`]: crate::RedlockBuilder::build_simulated
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,50 +28,17 @@ use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use redis::Script;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::node::NodePolicy;
-use crate::scripts;
+mod model;
+mod switches;
 
-/// A bug to plant, to show that a simulation's checker catches it. Each one undoes a fix
-/// (or a safeguard) of the client or of the scripts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Bug {
-    /// The fencing write-back round is skipped: tokens may repeat or go down.
-    NoFenceWriteBack,
-    /// A failed extension keeps the previous deadline even when it was a shortening whose
-    /// shorter TTL may have landed on the nodes.
-    ExtendKeepsLongerDeadline,
-    /// The nodes apply a seeding decided from a state they no longer have (no nonce check):
-    /// a late seeding lifts a newer quarantine.
-    StaleSeed,
-    /// The client takes locks with a TTL longer than its restart quarantine.
-    TtlAboveQuarantine,
-    /// A restart that kept part of the data goes unnoticed: no check on reconnect.
-    NoRestartDetection,
-    /// A [`LockHealth`](crate::LockHealth) keeps its last state after its watchdog stopped.
-    HealthNeverEnds,
-    /// The watchdog's first extension is at ttl/3 from its start, whatever the validity
-    /// left, and it reports at risk only after a failed extension.
-    WatchdogIgnoresValidity,
-    /// Validity leaves no allowance for clock drift.
-    NoDrift,
-    /// A node that restarted without its data votes again as soon as it is seeded.
-    NoQuarantine,
-}
-
-/// The bugs planted in a client or a cluster.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Planted(u32);
-
-impl Planted {
-    pub(crate) fn contains(self, bug: Bug) -> bool {
-        self.0 & (1 << bug as u32) != 0
-    }
-}
+use crate::ops::{Init, NodePolicy, NodeState, Op, Verify, new_value};
+use model::Data;
+pub use model::KeySpace;
+pub use switches::{Bug, SimOptions};
+pub(crate) use switches::{ClientSim, Planted};
 
 /// A set of simulated nodes sharing one seeded source of randomness.
 #[derive(Debug, Clone)]
@@ -155,31 +121,6 @@ struct State {
     clock: Clock,
 }
 
-/// Everything a restart without persistence loses.
-#[derive(Default, Clone)]
-struct Data {
-    /// key -> (value, expiry on the node's clock in ms)
-    locks: HashMap<String, (String, f64)>,
-    counters: HashMap<String, i64>,
-    /// The node state `fencelock:node`, field by field.
-    vote_after: Option<f64>,
-    seeded: Option<bool>,
-    nonce: Option<String>,
-    boot: Option<u64>,
-    /// The genesis decision that claimed this state, if any.
-    genesis: Option<String>,
-    ready: bool,
-}
-
-impl Data {
-    fn has_state(&self) -> bool {
-        self.vote_after.is_some()
-            || self.seeded.is_some()
-            || self.nonce.is_some()
-            || self.boot.is_some()
-    }
-}
-
 /// A copy of a node's data, to restore later: what an RDB snapshot is.
 #[derive(Clone)]
 pub struct Snapshot(Data);
@@ -251,7 +192,27 @@ impl SimNode {
     }
 
     fn planted(&self, bug: Bug) -> bool {
-        Planted(self.planted.load(Ordering::SeqCst)).contains(bug)
+        self.planted_set().contains(bug)
+    }
+
+    fn planted_set(&self) -> Planted {
+        Planted(self.planted.load(Ordering::SeqCst))
+    }
+
+    /// Runs `op` on the node at once, as one script run: no network, no delay, no
+    /// reconnect check. Returns the integer the script would; for comparing the model with
+    /// the real scripts.
+    pub fn execute(&self, op: &Op) -> i64 {
+        let planted = self.planted_set();
+        let mut state = self.state();
+        let now = state.clock.now_ms();
+        model::run(&mut state.data, now, op, planted)
+    }
+
+    /// The node's keys as the scripts see them now.
+    pub fn key_space(&self) -> KeySpace {
+        let state = self.state();
+        state.data.key_space(state.clock.now_ms())
     }
 
     /// A restart without persistence: every key, counter and the restart state are gone.
@@ -315,7 +276,7 @@ impl SimNode {
     /// The value `key` holds now on this node's clock, if it is set and not expired.
     pub fn holds(&self, key: &str) -> Option<String> {
         let state = self.state();
-        live(&state.data, key, state.clock.now_ms()).map(str::to_owned)
+        model::live(&state.data, key, state.clock.now_ms()).map(str::to_owned)
     }
 
     /// One call from `conn`: delay, maybe lose the request, wait while paused, then (after
@@ -362,7 +323,13 @@ impl SimNode {
                 // A new connection: `verify.lua` runs before anything else on it.
                 *seen = Some(run_id);
                 if !self.planted(Bug::NoRestartDetection) {
-                    verify(&mut s.data, now, run_id, conn.quarantine_ms);
+                    let op = Verify {
+                        run_id: run_id.to_string(),
+                        durable: false,
+                        quarantine_ms: conn.quarantine_ms,
+                        nonce: new_value(),
+                    };
+                    model::verify(&mut s.data, now, &op);
                 }
             }
             drop(seen);
@@ -403,18 +370,11 @@ impl SimConn {
     }
 
     /// The model of `init.lua` followed by a read of the node state.
-    pub(crate) async fn restart_state(&self) -> crate::node::NodeState {
-        let quarantine_ms = self.quarantine_ms as f64;
+    pub(crate) async fn restart_state(&self, op: &Init) -> NodeState {
         self.node
             .call(self, |data, now| {
-                if data.vote_after.is_none() {
-                    data.vote_after = Some(now + quarantine_ms);
-                    data.seeded = Some(false);
-                    data.nonce = Some(crate::client::new_value());
-                } else if data.nonce.is_none() {
-                    data.nonce = Some(crate::client::new_value());
-                }
-                crate::node::NodeState {
+                model::init(data, now, op);
+                NodeState {
                     seeded: data.seeded == Some(true),
                     nonce: data.nonce.clone(),
                 }
@@ -431,206 +391,10 @@ impl SimConn {
     }
 
     /// One script call.
-    pub(crate) async fn eval(
-        &self,
-        script: &Script,
-        keys: &[String],
-        args: &[String],
-    ) -> Result<i64, redis::RedisError> {
-        let stale_seed = self.node.planted(Bug::StaleSeed);
+    pub(crate) async fn eval(&self, op: &Op) -> Result<i64, redis::RedisError> {
+        let planted = self.node.planted_set();
         self.node
-            .call(self, |data, now| {
-                run(data, now, script, keys, args, stale_seed)
-            })
+            .call(self, |data, now| Ok(model::run(data, now, op, planted)))
             .await
-    }
-}
-
-/// The model of `verify.lua`, run when a connection finds the node restarted.
-fn verify(data: &mut Data, now: f64, run_id: u64, quarantine_ms: u64) {
-    if data.boot == Some(run_id) {
-        return;
-    }
-    if !data.has_state() {
-        data.boot = Some(run_id);
-        return;
-    }
-    data.ready = false;
-    data.genesis = None;
-    data.vote_after = Some(now + quarantine_ms as f64);
-    data.seeded = Some(false);
-    data.nonce = Some(crate::client::new_value());
-    data.boot = Some(run_id);
-}
-
-fn int(arg: &str) -> i64 {
-    arg.parse().unwrap_or(0)
-}
-
-fn live<'a>(data: &'a Data, key: &str, now: f64) -> Option<&'a str> {
-    data.locks
-        .get(key)
-        .filter(|(_, expiry)| *expiry > now)
-        .map(|(v, _)| v.as_str())
-}
-
-/// The next token: one more than the largest counter of `fence_keys`. Every counter is
-/// set to it plus the `reserved` tokens after it.
-fn next_token(data: &mut Data, fence_keys: &[String], reserved: i64) -> i64 {
-    let token = fence_keys
-        .iter()
-        .map(|k| data.counters.get(k).copied().unwrap_or(0))
-        .max()
-        .unwrap_or(0)
-        + 1;
-    for k in fence_keys {
-        data.counters.insert(k.clone(), token + reserved);
-    }
-    token
-}
-
-/// Sets the first `n` keys to `value` for `ttl_ms`, and with fencing issues the next token:
-/// what acquire and hand-off do once they have decided to grant.
-fn grant(
-    data: &mut Data,
-    now: f64,
-    keys: &[String],
-    n: usize,
-    value: &str,
-    ttl_ms: &str,
-    // With fencing: how many tokens to reserve after the one issued.
-    fence: Option<i64>,
-) -> i64 {
-    let expiry = now + int(ttl_ms) as f64;
-    for k in &keys[..n] {
-        data.locks.insert(k.clone(), (value.to_owned(), expiry));
-    }
-    match fence {
-        Some(reserved) => next_token(data, &keys[n..2 * n], reserved),
-        None => 1,
-    }
-}
-
-/// The scripts' semantics, in the order of their `.lua` files' headers.
-fn run(
-    data: &mut Data,
-    now: f64,
-    script: &Script,
-    keys: &[String],
-    args: &[String],
-    stale_seed: bool,
-) -> Result<i64, redis::RedisError> {
-    let hash = script.get_hash();
-    if hash == scripts::ACQUIRE.get_hash() {
-        let fenced = args[3] == "1";
-        let n = if fenced {
-            (keys.len() - 1) / 2
-        } else {
-            keys.len() - 1
-        };
-        if !data.ready {
-            let Some(vote_after) = data.vote_after else {
-                data.vote_after = Some(now + int(&args[2]) as f64);
-                data.seeded = Some(false);
-                data.nonce = Some(args[0].clone());
-                return Ok(-2);
-            };
-            if data.seeded != Some(true) {
-                return Ok(-2);
-            }
-            if now < vote_after {
-                return Ok(-1);
-            }
-            data.ready = true;
-        }
-        if keys[..n].iter().any(|k| live(data, k, now).is_some()) {
-            return Ok(0);
-        }
-        let fence = fenced.then(|| int(&args[4]));
-        Ok(grant(data, now, keys, n, &args[0], &args[1], fence))
-    } else if hash == scripts::RELEASE.get_hash() {
-        let mut deleted = 0;
-        for k in keys {
-            if live(data, k, now).is_some_and(|v| args.iter().any(|a| a == v)) {
-                data.locks.remove(k);
-                deleted += 1;
-            }
-        }
-        Ok(deleted)
-    } else if hash == scripts::EXTEND.get_hash() {
-        let values = &args[1..];
-        if keys
-            .iter()
-            .any(|k| !live(data, k, now).is_some_and(|v| values.iter().any(|a| a == v)))
-        {
-            return Ok(0);
-        }
-        let expiry = now + int(&args[0]) as f64;
-        for k in keys {
-            if let Some(entry) = data.locks.get_mut(k) {
-                entry.1 = expiry;
-            }
-        }
-        Ok(1)
-    } else if hash == scripts::HANDOFF.get_hash() {
-        let fenced = args[2] == "1";
-        let n = if fenced { keys.len() / 2 } else { keys.len() };
-        let chain = &args[4..];
-        let ours = |k: &String| live(data, k, now).is_some_and(|v| chain.iter().any(|c| c == v));
-        if !keys[..n].iter().all(ours) {
-            return Ok(0);
-        }
-        let fence = fenced.then(|| int(&args[3]));
-        Ok(grant(data, now, keys, n, &args[0], &args[1], fence))
-    } else if hash == scripts::FENCE.get_hash() {
-        let n = keys.len() / 2;
-        if keys[..n]
-            .iter()
-            .any(|k| live(data, k, now) != Some(args[0].as_str()))
-        {
-            return Ok(0);
-        }
-        let token = int(&args[1]);
-        for k in &keys[n..] {
-            let c = data.counters.entry(k.clone()).or_insert(0);
-            *c = (*c).max(token);
-        }
-        Ok(1)
-    } else if hash == scripts::SEED.get_hash() {
-        if !stale_seed && data.nonce.as_deref() != Some(args[1].as_str()) {
-            return Ok(0);
-        }
-        for (k, v) in keys[1..].iter().zip(&args[2..]) {
-            let c = data.counters.entry(k.clone()).or_insert(0);
-            *c = (*c).max(int(v));
-        }
-        if data.vote_after.is_none() {
-            data.vote_after = Some(now + int(&args[0]) as f64);
-        }
-        data.seeded = Some(true);
-        Ok(1)
-    } else if hash == scripts::GENESIS.get_hash() {
-        if !stale_seed && data.nonce.as_deref() != Some(args[1].as_str()) {
-            return Ok(0);
-        }
-        if args[0] == "claim" {
-            if !stale_seed && (data.seeded == Some(true) || data.genesis.is_some()) {
-                return Ok(0);
-            }
-            data.genesis = Some(args[2].clone());
-            return Ok(1);
-        }
-        if !stale_seed && data.genesis.as_deref() != Some(args[2].as_str()) {
-            return Ok(0);
-        }
-        data.vote_after = Some(0.0);
-        data.seeded = Some(true);
-        data.ready = true;
-        Ok(1)
-    } else {
-        Err(redis::RedisError::from((
-            redis::ErrorKind::Client,
-            "the simulated node does not know this script",
-        )))
     }
 }

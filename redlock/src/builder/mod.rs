@@ -2,15 +2,19 @@
 //! rejects what cannot work before any lock is taken.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
 
-use crate::client::{Inner, Redlock};
+use crate::client::Redlock;
 use crate::error::Error;
-use crate::node::{Node, NodePolicy};
+use crate::fanout::Fanout;
+use crate::node::Node;
+use crate::ops::NodePolicy;
 use crate::quorum::quorum;
 use crate::retry::RetryPolicy;
+use crate::shared::{MAX_TTL, Shared};
 
 /// The default per-node timeout: 50 ms.
 ///
@@ -28,14 +32,16 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// The default restart quarantine: 30 s. See [`RedlockBuilder::restart_quarantine`].
 pub const DEFAULT_RESTART_QUARANTINE: Duration = Duration::from_secs(30);
 
-/// The longest TTL a lock may be taken or extended for: 24 hours. Hold a lock longer with
-/// [`auto_extend`](crate::LockGuard::auto_extend); a TTL this long would also need a
-/// restart quarantine as long, which keeps a restarted node out of service all that time.
-pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
-
 /// The default bound on in-process hand-offs in a row: 8. See
 /// [`RedlockBuilder::max_local_handoffs`].
 pub const DEFAULT_MAX_LOCAL_HANDOFFS: usize = 8;
+
+impl Redlock {
+    /// Starts configuring a client; see [`RedlockBuilder`] for the settings and defaults.
+    pub fn builder() -> RedlockBuilder {
+        RedlockBuilder::default()
+    }
+}
 
 /// Configures and builds a [`Redlock`] client.
 ///
@@ -62,10 +68,6 @@ pub struct RedlockBuilder {
     fencing: bool,
     quarantine: Duration,
     allow_eviction: bool,
-    #[cfg(feature = "sim")]
-    jitter_seed: Option<u64>,
-    #[cfg(feature = "sim")]
-    pass_on: bool,
 }
 
 impl Default for RedlockBuilder {
@@ -80,10 +82,6 @@ impl Default for RedlockBuilder {
             fencing: false,
             quarantine: DEFAULT_RESTART_QUARANTINE,
             allow_eviction: false,
-            #[cfg(feature = "sim")]
-            jitter_seed: None,
-            #[cfg(feature = "sim")]
-            pass_on: true,
         }
     }
 }
@@ -206,6 +204,29 @@ impl RedlockBuilder {
     ///
     /// [`ErrorKind::Config`](crate::ErrorKind::Config), naming the bad setting.
     pub async fn build(self) -> Result<Redlock, Error> {
+        let nodes = self.real_nodes()?;
+        #[cfg(feature = "sim")]
+        let sim = crate::sim::ClientSim::default();
+        #[cfg(not(feature = "sim"))]
+        let sim = ();
+        self.finish(nodes, sim).await
+    }
+
+    /// Builds a client on the real nodes with a simulation's switches (feature `sim`), for
+    /// tests that need them against real Redis.
+    ///
+    /// # Errors
+    ///
+    /// As [`build`](Self::build).
+    #[cfg(feature = "sim")]
+    pub async fn build_with(self, options: crate::sim::SimOptions) -> Result<Redlock, Error> {
+        let nodes = self.real_nodes()?;
+        let sim = crate::sim::ClientSim::new(crate::sim::Planted::default(), options);
+        self.finish(nodes, sim).await
+    }
+
+    /// The configured nodes, each with its driver started.
+    fn real_nodes(&self) -> Result<Vec<Node>, Error> {
         if self.nodes.is_empty() {
             return Err(Error::config(
                 "nodes",
@@ -229,11 +250,7 @@ impl RedlockBuilder {
             }
             nodes.push(node);
         }
-        #[cfg(feature = "sim")]
-        let planted = crate::sim::Planted::default();
-        #[cfg(not(feature = "sim"))]
-        let planted = ();
-        self.finish(nodes, planted).await
+        Ok(nodes)
     }
 
     /// Builds a client on simulated nodes (feature `sim`), with the same settings and
@@ -244,6 +261,21 @@ impl RedlockBuilder {
     /// As [`build`](Self::build), for the settings.
     #[cfg(feature = "sim")]
     pub async fn build_simulated(self, cluster: &crate::sim::SimCluster) -> Result<Redlock, Error> {
+        self.build_simulated_with(cluster, crate::sim::SimOptions::default())
+            .await
+    }
+
+    /// [`build_simulated`](Self::build_simulated) with a simulation's switches.
+    ///
+    /// # Errors
+    ///
+    /// As [`build`](Self::build), for the settings.
+    #[cfg(feature = "sim")]
+    pub async fn build_simulated_with(
+        self,
+        cluster: &crate::sim::SimCluster,
+        options: crate::sim::SimOptions,
+    ) -> Result<Redlock, Error> {
         if cluster.is_empty() {
             return Err(Error::config("nodes", "the simulated cluster has no nodes"));
         }
@@ -254,25 +286,8 @@ impl RedlockBuilder {
             .iter()
             .map(|node| Node::simulated(crate::sim::SimConn::new(node.clone(), policy)))
             .collect();
-        let planted = cluster.planted();
-        self.finish(nodes, planted).await
-    }
-
-    /// Draws retry jitter from a generator seeded with `seed` (feature `sim`), so that a
-    /// simulation replays exactly.
-    #[cfg(feature = "sim")]
-    pub fn jitter_seed(mut self, seed: u64) -> Self {
-        self.jitter_seed = Some(seed);
-        self
-    }
-
-    /// Makes every in-process hand-off a swap round (feature `sim`), as if validity were
-    /// always short: for tests of what happens around those rounds.
-    #[cfg(feature = "sim")]
-    #[doc(hidden)]
-    pub fn swap_every_hand_off(mut self) -> Self {
-        self.pass_on = false;
-        self
+        let sim = crate::sim::ClientSim::new(cluster.planted(), options);
+        self.finish(nodes, sim).await
     }
 
     fn policy(&self) -> NodePolicy {
@@ -313,8 +328,8 @@ impl RedlockBuilder {
     async fn finish(
         self,
         nodes: Vec<Node>,
-        #[cfg(feature = "sim")] planted: crate::sim::Planted,
-        #[cfg(not(feature = "sim"))] _planted: (),
+        #[cfg(feature = "sim")] sim: crate::sim::ClientSim,
+        #[cfg(not(feature = "sim"))] _sim: (),
     ) -> Result<Redlock, Error> {
         let n = nodes.len();
         if n.is_multiple_of(2) {
@@ -335,9 +350,8 @@ impl RedlockBuilder {
         }
 
         #[allow(unused_mut)]
-        let mut inner = Inner::new(
-            nodes,
-            self.node_timeout,
+        let mut inner = Shared::new(
+            Fanout::new(nodes, self.node_timeout),
             self.drift_factor,
             self.retry,
             self.max_local_handoffs,
@@ -346,18 +360,12 @@ impl RedlockBuilder {
         );
         #[cfg(feature = "sim")]
         {
-            use rand::SeedableRng;
-            inner.jitter = self
-                .jitter_seed
-                .map(|seed| std::sync::Mutex::new(rand::rngs::SmallRng::seed_from_u64(seed)));
-            inner.planted = planted;
-            inner.pass_on = self.pass_on;
+            inner.sim = sim;
         }
-        let client = Redlock::from_inner(inner);
         // A new cluster is initialised here, and nodes that came up empty are seeded, so
         // that the first lock does not have to.
-        client.seed_nodes().await;
-        Ok(client)
+        inner.seed_nodes().await;
+        Ok(Redlock::from_shared(Arc::new(inner)))
     }
 }
 
@@ -372,92 +380,4 @@ fn node_field(i: usize) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ErrorKind;
-
-    async fn build_err(b: RedlockBuilder) -> crate::Error {
-        b.build().await.expect_err("build must fail")
-    }
-
-    #[tokio::test]
-    async fn zero_nodes() {
-        let e = build_err(RedlockBuilder::default()).await;
-        assert_eq!(e.kind(), ErrorKind::Config);
-        assert!(
-            e.to_string().starts_with("invalid `nodes`: no nodes given"),
-            "{e}"
-        );
-    }
-
-    #[tokio::test]
-    async fn duplicate_nodes() {
-        let e = build_err(
-            RedlockBuilder::default().nodes(["redis://127.0.0.1:1", "redis://127.0.0.1:1/0"]),
-        )
-        .await;
-        assert_eq!(
-            e.to_string(),
-            "invalid `nodes[1]`: 127.0.0.1:1 is the same node as nodes[0]; one node must not vote twice"
-        );
-        // Another database on the same server is the same machine too, but it is a distinct
-        // keyspace; we accept it like redsync does, so that one test server can host several.
-        assert!(
-            RedlockBuilder::default()
-                .nodes(["redis://127.0.0.1:1/1", "redis://127.0.0.1:1/2"])
-                .connect_timeout(Duration::from_millis(10))
-                .build()
-                .await
-                .is_ok()
-        );
-    }
-
-    #[tokio::test]
-    async fn drift_factor_range() {
-        for bad in [-0.1, 0.5, 0.7, f64::NAN] {
-            let e = build_err(
-                RedlockBuilder::default()
-                    .node("redis://127.0.0.1:1")
-                    .drift_factor(bad),
-            )
-            .await;
-            assert!(e.to_string().starts_with("invalid `drift_factor`"), "{e}");
-        }
-    }
-
-    #[tokio::test]
-    async fn unparsable_url() {
-        let e =
-            build_err(RedlockBuilder::default().nodes(["redis://127.0.0.1:1", "nope://x"])).await;
-        assert!(
-            e.to_string()
-                .starts_with("invalid `nodes[1]`: cannot use `nope://x`"),
-            "{e}"
-        );
-    }
-
-    #[tokio::test]
-    async fn zero_timeout() {
-        let e = build_err(
-            RedlockBuilder::default()
-                .node("redis://127.0.0.1:1")
-                .node_timeout(Duration::ZERO),
-        )
-        .await;
-        assert_eq!(
-            e.to_string(),
-            "invalid `node_timeout`: must be greater than zero"
-        );
-    }
-
-    #[tokio::test]
-    async fn unreachable_nodes_do_not_fail_build() {
-        let client = RedlockBuilder::default()
-            .nodes(["redis://127.0.0.1:1", "redis://127.0.0.1:2"])
-            .connect_timeout(Duration::from_millis(50))
-            .build()
-            .await
-            .expect("unreachable nodes are retried, not fatal");
-        assert_eq!(client.quorum(), 2);
-    }
-}
+mod tests;

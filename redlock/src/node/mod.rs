@@ -1,0 +1,395 @@
+//! One lock node as the layers above see it: its address, its driver's queue (or a model
+//! node), and the calls it takes. The driver itself is in `driver`, its connection in `link`.
+
+mod driver;
+mod link;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use redis::{AsyncConnectionConfig, ErrorKind, FromRedisValue, RedisError, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{Error, NodeFailure};
+use crate::ops::{Init, NodePolicy, NodeState, Op, Outcome, new_value};
+use crate::scripts;
+
+use driver::{Call, Queued, ReplyState, drive, driver_gone};
+pub(crate) use driver::{LateGrants, Payload, Reply};
+use link::Link;
+
+/// The most calls that may wait for a node's driver. A node that stops answering holds
+/// up its driver until the driver's reply grace; meanwhile further calls fail at once, as if the
+/// node were down, rather than pile up in memory.
+const MAX_BACKLOG: usize = 16_384;
+
+/// A lock node. All tasks of a process share its one multiplexed connection and its one
+/// driver, which is what lets 64 concurrent lockers cost one command per node rather than
+/// 64 commands or 64 connections.
+#[derive(Clone)]
+pub(crate) struct Node {
+    /// `host:port` for logs and errors; never contains credentials.
+    addr: Arc<str>,
+    /// The setting that named it (`nodes[i]`), for configuration errors.
+    field: &'static str,
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Redis {
+        /// The node's driver: every call goes through it, in the order of the calls.
+        ops: mpsc::UnboundedSender<Queued>,
+        /// Calls queued for the driver and not yet taken: bounded by [`MAX_BACKLOG`].
+        backlog: Arc<AtomicUsize>,
+    },
+    /// An in-process model of a node, for the deterministic simulation.
+    #[cfg(feature = "sim")]
+    Sim(Arc<crate::sim::SimConn>),
+}
+
+impl fmt::Debug for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.addr)
+    }
+}
+
+/// What makes two URLs the same node: address and database. Used to reject duplicates,
+/// which would let one machine cast two votes.
+pub(crate) type NodeIdentity = (String, i64);
+
+impl Node {
+    /// Parses `url` and starts the node's driver on the current tokio runtime. Nothing is
+    /// sent until the first call, so an unreachable node does not stop the client from
+    /// being built; every connection the driver opens is checked and verified (see
+    /// `verify.lua`) before anything else is sent on it.
+    pub(crate) fn new(
+        field: &'static str,
+        url: &str,
+        connect_timeout: Duration,
+        policy: NodePolicy,
+    ) -> Result<(Node, NodeIdentity), Error> {
+        let client = redis::Client::open(url)
+            .map_err(|e| Error::config(field, format!("cannot use `{}`: {e}", redact(url))))?;
+        let info = client.get_connection_info();
+        let addr: Arc<str> = info.addr().to_string().into();
+        let identity = (addr.to_string(), info.redis_settings().db());
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(connect_timeout))
+            // Every round carries its own deadline; a second timer per command would only
+            // cost time.
+            .set_response_timeout(None);
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| Error::config(field, "the client must be built inside a tokio runtime"))?;
+        let (ops, rx) = mpsc::unbounded_channel();
+        let backlog = Arc::new(AtomicUsize::new(0));
+        let link = Link::new(addr.clone(), client, config, connect_timeout, policy);
+        runtime.spawn(drive(link, rx, ops.downgrade(), backlog.clone()));
+        Ok((
+            Node {
+                addr,
+                field,
+                backend: Backend::Redis { ops, backlog },
+            },
+            identity,
+        ))
+    }
+
+    #[cfg(feature = "sim")]
+    pub(crate) fn simulated(conn: crate::sim::SimConn) -> Node {
+        Node {
+            addr: conn.name().into(),
+            field: "nodes",
+            backend: Backend::Sim(Arc::new(conn)),
+        }
+    }
+
+    /// Whether calls whose replies a round stops waiting for must still be polled to
+    /// completion (and their late grants taken back) by the caller. A Redis node's driver
+    /// does both by itself.
+    #[cfg(feature = "sim")]
+    pub(crate) fn needs_drain(&self) -> bool {
+        match &self.backend {
+            Backend::Redis { .. } => false,
+            #[cfg(feature = "sim")]
+            Backend::Sim(_) => true,
+        }
+    }
+
+    pub(crate) fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Runs `op`; every script returns an integer, which `op` reads. The caller bounds the
+    /// time it may take.
+    ///
+    /// The call is queued on the node's driver before this returns, and runs whether or
+    /// not the returned future is polled or dropped: calls to a node run in the order they
+    /// were made, so a release can never overtake the acquisition it undoes. With `late`,
+    /// a grant that arrives once that acquisition is over is released by the driver, and a
+    /// call still queued by then is not sent at all.
+    pub(crate) fn eval(&self, op: Op, late: Option<&LateGrants>) -> Reply {
+        // A model node's call runs in its own task, so that it too runs whether or not
+        // its reply is awaited. (A round's calls are polled by the round and drained after
+        // it instead, so that each starts exactly when its round does.)
+        #[cfg(feature = "sim")]
+        if let Backend::Sim(sim) = &self.backend {
+            let (tx, rx) = oneshot::channel();
+            let sim = sim.clone();
+            tokio::spawn(async move {
+                let reply = sim.eval(&op).await;
+                let _ = tx.send(reply.map(Value::Int));
+            });
+            return Reply {
+                node: self.addr.clone(),
+                state: ReplyState::Queued(rx),
+            };
+        }
+        self.eval_shared(&Payload::new(op), late)
+    }
+
+    /// [`eval`](Self::eval) with its reply read by `op`; queued as the call is made.
+    pub(crate) fn run(&self, op: Op) -> impl Future<Output = Result<Outcome, NodeFailure>> + use<> {
+        let reader = op.clone();
+        let reply = self.eval(op, None);
+        let node = self.addr.clone();
+        async move {
+            let reply = reply.await?;
+            reader.decode(reply).map_err(|error| NodeFailure::Redis {
+                node: node.to_string(),
+                error,
+            })
+        }
+    }
+
+    /// [`eval`](Self::eval) of a call encoded once for every node of a round.
+    pub(crate) fn eval_shared(&self, payload: &Arc<Payload>, late: Option<&LateGrants>) -> Reply {
+        let state = match &self.backend {
+            Backend::Redis { .. } => match self.enqueue(Call::Script(payload.clone()), late) {
+                Ok(rx) => ReplyState::Queued(rx),
+                Err(e) => ReplyState::Refused(Some(e)),
+            },
+            #[cfg(feature = "sim")]
+            Backend::Sim(sim) => {
+                let _ = late;
+                let (sim, payload) = (sim.clone(), payload.clone());
+                // Starts when first polled, like the model node's own future.
+                ReplyState::Sim(Box::pin(async move { sim.eval(&payload.op).await }))
+            }
+        };
+        Reply {
+            node: self.addr.clone(),
+            state,
+        }
+    }
+
+    /// Queues `call` on the node's driver.
+    fn enqueue(
+        &self,
+        call: Call,
+        late: Option<&LateGrants>,
+    ) -> Result<oneshot::Receiver<Result<Value, RedisError>>, RedisError> {
+        let (ops, backlog) = match &self.backend {
+            Backend::Redis { ops, backlog } => (ops, backlog),
+            #[cfg(feature = "sim")]
+            Backend::Sim(_) => {
+                return Err(RedisError::from((
+                    ErrorKind::Client,
+                    "a model node has no driver",
+                )));
+            }
+        };
+        if backlog.fetch_add(1, Ordering::Relaxed) >= MAX_BACKLOG {
+            backlog.fetch_sub(1, Ordering::Relaxed);
+            return Err(RedisError::from((
+                ErrorKind::Io,
+                "too many calls waiting for this node (it has stopped answering)",
+            )));
+        }
+        let (reply, rx) = oneshot::channel();
+        let op = Queued {
+            call,
+            reply,
+            late: late.cloned(),
+        };
+        match ops.send(op) {
+            Ok(()) => Ok(rx),
+            Err(_) => {
+                backlog.fetch_sub(1, Ordering::Relaxed);
+                Err(driver_gone())
+            }
+        }
+    }
+
+    /// The node's restart state, giving the node one first if it has none (so that there
+    /// is a nonce for a seeding to carry).
+    pub(crate) async fn restart_state(
+        &self,
+        quarantine_ms: u64,
+        timeout: Duration,
+    ) -> Result<NodeState, NodeFailure> {
+        #[cfg(feature = "sim")]
+        if let Backend::Sim(sim) = &self.backend {
+            return self
+                .bounded(timeout, async {
+                    Ok(sim.restart_state(&init(quarantine_ms)).await)
+                })
+                .await;
+        }
+        let init = self.eval(Op::Init(init(quarantine_ms)), None);
+        self.bounded(timeout, async {
+            init.await.map_err(|f| match f {
+                NodeFailure::Redis { error, .. } => error,
+                other => RedisError::from((ErrorKind::Client, "init failed", other.to_string())),
+            })
+        })
+        .await?;
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(scripts::NODE_KEY).arg("seeded").arg("nonce");
+        let (seeded, nonce): (Option<String>, Option<String>) = self.query(&cmd, timeout).await?;
+        Ok(NodeState {
+            seeded: seeded.as_deref() == Some("1"),
+            nonce,
+        })
+    }
+
+    /// Every fence counter on the node.
+    pub(crate) async fn fence_counters(
+        &self,
+        timeout: Duration,
+    ) -> Result<Vec<(String, i64)>, NodeFailure> {
+        #[cfg(feature = "sim")]
+        if let Backend::Sim(sim) = &self.backend {
+            return self
+                .bounded(timeout, async { Ok(sim.fence_counters().await) })
+                .await;
+        }
+        let pattern = format!("{}*", scripts::FENCE_PREFIX);
+        let mut cursor: u64 = 0;
+        let mut out = Vec::new();
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000);
+            let (next, keys): (u64, Vec<String>) = self.query(&scan, timeout).await?;
+            if !keys.is_empty() {
+                let mut mget = redis::cmd("MGET");
+                mget.arg(&keys);
+                let values: Vec<Option<i64>> = self.query(&mget, timeout).await?;
+                out.extend(
+                    keys.into_iter()
+                        .zip(values)
+                        .filter_map(|(k, v)| v.map(|v| (k, v))),
+                );
+            }
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
+
+    /// Runs one plain command through the driver, giving up after `timeout`.
+    async fn query<T: FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+        timeout: Duration,
+    ) -> Result<T, NodeFailure> {
+        let rx = self
+            .enqueue(Call::Command(cmd.clone()), None)
+            .map_err(|error| self.failure(error))?;
+        self.bounded(timeout, async {
+            let value = rx.await.unwrap_or_else(|_| Err(driver_gone()))?;
+            Ok(T::from_redis_value(value)?)
+        })
+        .await
+    }
+
+    /// `call`, as this node's failure if it fails or takes longer than `timeout`.
+    async fn bounded<T>(
+        &self,
+        timeout: Duration,
+        call: impl Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, NodeFailure> {
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(error)) => Err(self.failure(error)),
+            Err(_) => Err(NodeFailure::Timeout {
+                node: self.addr.to_string(),
+                after: timeout,
+            }),
+        }
+    }
+
+    fn failure(&self, error: RedisError) -> NodeFailure {
+        NodeFailure::Redis {
+            node: self.addr.to_string(),
+            error,
+        }
+    }
+
+    /// Opens, checks and verifies the connection now rather than on the first lock. A
+    /// node whose configuration is refused (see `NodePolicy`) is a configuration error;
+    /// any other failure is the node's, to retry in the background.
+    pub(crate) async fn warm_up(&self, timeout: Duration) -> Result<(), Error> {
+        #[cfg(feature = "sim")]
+        if self.needs_drain() {
+            // A model node has no connection to open.
+            return Ok(());
+        }
+        let rx = self
+            .enqueue(Call::Connect, None)
+            .map_err(|e| Error::Redis(self.failure(e)))?;
+        let outcome = self
+            .bounded(timeout, async {
+                rx.await.unwrap_or_else(|_| Err(driver_gone())).map(drop)
+            })
+            .await;
+        match outcome {
+            Err(NodeFailure::Redis { error, .. })
+                if error.kind() == ErrorKind::InvalidClientConfig =>
+            {
+                Err(Error::config(
+                    self.field,
+                    format!(
+                        "lock node {} is refused: {}",
+                        self.addr,
+                        error.detail().unwrap_or("misconfigured")
+                    ),
+                ))
+            }
+            Err(failure) => Err(Error::Redis(failure)),
+            Ok(()) => Ok(()),
+        }
+    }
+}
+
+/// A fresh [`Init`]: a node read without a restart state gets one, with a nonce a seeding
+/// can carry.
+fn init(quarantine_ms: u64) -> Init {
+    Init {
+        nonce: new_value(),
+        quarantine_ms,
+    }
+}
+
+/// `url` with any password replaced, for error messages and logs.
+pub(crate) fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests;
