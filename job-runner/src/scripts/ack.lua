@@ -11,14 +11,19 @@
 -- ARGV[3..] the entry ids
 --
 -- Returns  per entry id, 1 when it was retired, 0 when it is not this consumer's
-local done = {}
+local done, ours = {}, {}
 for i = 3, #ARGV do
   if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2]) == 0 then
     done[#done + 1] = 0
   else
-    redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
-    redis.call('XDEL', KEYS[1], ARGV[i])
+    ours[#ours + 1] = ARGV[i]
     done[#done + 1] = 1
   end
+end
+-- One XACK and one XDEL for all of them: a call per entry each was most of the cost.
+-- (At most 512 ids, the ack task's batch, well within Lua's stack for `unpack`.)
+if #ours > 0 then
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(ours))
+  redis.call('XDEL', KEYS[1], unpack(ours))
 end
 return done
