@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use fencelock::sim::{Bug, SimCluster, SimOptions};
-use fencelock::{ErrorKind, LockState, LostReason, MAX_TTL, Redlock, RetryPolicy, WatchdogConfig};
+use fencelock::{
+    ErrorKind, LockGuard, LockState, LostReason, MAX_TTL, Redlock, RetryPolicy, WatchdogConfig,
+};
 use tokio::time::{Instant, sleep, sleep_until};
 
 const QUARANTINE: Duration = Duration::from_secs(10);
@@ -17,6 +19,39 @@ fn planted(nodes: usize, seed: u64, bug: Option<Bug>) -> SimCluster {
         cluster.plant(bug);
     }
     cluster
+}
+
+/// Runs `scenario` as the code is, where it must hold, then with `bug` planted, where its
+/// check must fire; prints what it caught.
+async fn holds_and_catches<F, Fut>(scenario: F, bug: Bug)
+where
+    F: Fn(Option<Bug>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    scenario(None).await.unwrap();
+    let caught = scenario(Some(bug)).await;
+    eprintln!(
+        "with {bug:?} planted: {}",
+        caught.expect_err("the planted bug went unnoticed")
+    );
+}
+
+/// A's lock held on nodes 0 and 2 only: node 1 loses A's request.
+async fn lock_without_node_1(cluster: &SimCluster, locks: &Redlock, ttl: Duration) -> LockGuard {
+    cluster.node(1).set_drop_rate(1.0);
+    let held = locks.lock("r", ttl).await.unwrap();
+    cluster.node(1).set_drop_rate(0.0);
+    held
+}
+
+/// The violation when B got the lock while A's guard still claims validity.
+fn two_holders(a: &LockGuard, b: &LockGuard) -> String {
+    format!(
+        "two holders: A valid for {:?} with token {:?}, B with token {:?}",
+        a.validity(),
+        a.fencing_token(),
+        b.fencing_token()
+    )
 }
 
 async fn client(cluster: &SimCluster, quarantine: Duration) -> Redlock {
@@ -62,12 +97,7 @@ async fn failed_shortening_extend(bug: Option<Bug>) -> Result<(), String> {
 
 #[tokio::test(start_paused = true)]
 async fn a_failed_shortening_extend_still_shortens_the_guard() {
-    failed_shortening_extend(None).await.unwrap();
-    let caught = failed_shortening_extend(Some(Bug::ExtendKeepsLongerDeadline)).await;
-    eprintln!(
-        "with the hole planted back: {}",
-        caught.expect_err("the planted bug went unnoticed")
-    );
+    holds_and_catches(failed_shortening_extend, Bug::ExtendKeepsLongerDeadline).await;
 }
 
 /// Hole 2: client C1 decides to initialise a new cluster and its call opening node 2
@@ -88,9 +118,7 @@ async fn late_seeding(bug: Option<Bug>) -> Result<(), String> {
     let c0 = client(&cluster, QUARANTINE).await;
     sleep_until(start + QUARANTINE + Duration::from_millis(100)).await;
     // A holds the lock on nodes 0 and 2: node 1 loses A's request.
-    cluster.node(1).set_drop_rate(1.0);
-    let held = c0.lock("r", QUARANTINE).await.unwrap();
-    cluster.node(1).set_drop_rate(0.0);
+    let held = lock_without_node_1(&cluster, &c0, QUARANTINE).await;
     // Node 2 restarts without its data; C1's seeding of the first life arrives after that.
     sleep(Duration::from_millis(100)).await;
     cluster.node(2).wipe();
@@ -98,12 +126,7 @@ async fn late_seeding(bug: Option<Bug>) -> Result<(), String> {
     let c1 = c1.await.unwrap();
     let second = c1.try_lock("r", Duration::from_secs(5)).await;
     if let Ok(b) = &second {
-        return Err(format!(
-            "two holders: A valid for {:?} with token {:?}, B with token {:?}",
-            held.validity(),
-            held.fencing_token(),
-            b.fencing_token()
-        ));
+        return Err(two_holders(&held, b));
     }
     assert!(held.is_valid());
     Ok(())
@@ -111,12 +134,7 @@ async fn late_seeding(bug: Option<Bug>) -> Result<(), String> {
 
 #[tokio::test(start_paused = true)]
 async fn a_late_seeding_cannot_lift_a_newer_quarantine() {
-    late_seeding(None).await.unwrap();
-    let caught = late_seeding(Some(Bug::StaleSeed)).await;
-    eprintln!(
-        "with the hole planted back: {}",
-        caught.expect_err("the planted bug went unnoticed")
-    );
+    holds_and_catches(late_seeding, Bug::StaleSeed).await;
 }
 
 /// Found by the simulation after hole 2 was closed: C0 and C1 start on a new cluster at
@@ -135,20 +153,13 @@ async fn stale_new_cluster(bug: Option<Bug>) -> Result<(), String> {
         .collect();
     let mut builds = builds.into_iter();
     let c0 = builds.next().unwrap().await.unwrap();
-    cluster.node(1).set_drop_rate(1.0);
-    let held = c0.lock("r", QUARANTINE).await.unwrap();
-    cluster.node(1).set_drop_rate(0.0);
+    let held = lock_without_node_1(&cluster, &c0, QUARANTINE).await;
     sleep(Duration::from_millis(500)).await;
     cluster.node(2).wipe();
     let c1 = builds.next().unwrap().await.unwrap();
     let second = c1.try_lock("r", Duration::from_secs(5)).await;
     if let Ok(b) = &second {
-        return Err(format!(
-            "two holders: A valid for {:?} with token {:?}, B with token {:?}",
-            held.validity(),
-            held.fencing_token(),
-            b.fencing_token()
-        ));
+        return Err(two_holders(&held, b));
     }
     assert!(held.is_valid());
     Ok(())
@@ -156,12 +167,7 @@ async fn stale_new_cluster(bug: Option<Bug>) -> Result<(), String> {
 
 #[tokio::test(start_paused = true)]
 async fn a_new_cluster_decided_from_stale_reads_opens_nothing() {
-    stale_new_cluster(None).await.unwrap();
-    let caught = stale_new_cluster(Some(Bug::StaleSeed)).await;
-    eprintln!(
-        "with the hole planted back: {}",
-        caught.expect_err("the planted bug went unnoticed")
-    );
+    holds_and_catches(stale_new_cluster, Bug::StaleSeed).await;
 }
 
 /// Hole 3: a TTL longer than the restart quarantine would let a node that restarted empty
@@ -189,9 +195,7 @@ async fn a_ttl_longer_than_the_quarantine_gives_two_holders_when_planted() {
     let cluster = planted(3, 3, Some(Bug::TtlAboveQuarantine));
     let a = client(&cluster, Duration::from_secs(30)).await;
     let b = client(&cluster, Duration::from_secs(30)).await;
-    cluster.node(1).set_drop_rate(1.0);
-    let held = a.lock("r", Duration::from_secs(60)).await.unwrap();
-    cluster.node(1).set_drop_rate(0.0);
+    let held = lock_without_node_1(&cluster, &a, Duration::from_secs(60)).await;
     cluster.node(2).wipe();
     // B's first try makes node 2 notice; it is seeded and waits out 30 s.
     assert!(b.try_lock("r", Duration::from_secs(5)).await.is_err());
@@ -246,12 +250,7 @@ async fn restored_snapshot(bug: Option<Bug>) -> Result<(), String> {
 
 #[tokio::test(start_paused = true)]
 async fn a_node_restored_from_an_older_snapshot_is_quarantined_and_reseeded() {
-    restored_snapshot(None).await.unwrap();
-    let caught = restored_snapshot(Some(Bug::NoRestartDetection)).await;
-    eprintln!(
-        "with the hole planted back: {}",
-        caught.expect_err("the planted bug went unnoticed")
-    );
+    holds_and_catches(restored_snapshot, Bug::NoRestartDetection).await;
 }
 
 /// Hole 5: a TTL beyond the maximum is refused instead of being truncated on the wire, and
@@ -323,12 +322,7 @@ async fn health_after_stop(bug: Option<Bug>) -> Result<(), String> {
 
 #[tokio::test(start_paused = true)]
 async fn a_health_handle_ends_lost_when_its_watchdog_stops() {
-    health_after_stop(None).await.unwrap();
-    let caught = health_after_stop(Some(Bug::HealthNeverEnds)).await;
-    eprintln!(
-        "with the hole planted back: {}",
-        caught.expect_err("the planted bug went unnoticed")
-    );
+    holds_and_catches(health_after_stop, Bug::HealthNeverEnds).await;
 }
 
 /// Hole 7: a watchdog started with less than a third of the TTL left must extend at once,
@@ -370,12 +364,7 @@ async fn late_watchdog(bug: Option<Bug>) -> Result<(), String> {
 
 #[tokio::test(start_paused = true)]
 async fn a_watchdog_started_late_extends_at_once_and_warns_before_expiry() {
-    late_watchdog(None).await.unwrap();
-    let caught = late_watchdog(Some(Bug::WatchdogIgnoresValidity)).await;
-    eprintln!(
-        "with the hole planted back: {}",
-        caught.expect_err("the planted bug went unnoticed")
-    );
+    holds_and_catches(late_watchdog, Bug::WatchdogIgnoresValidity).await;
 }
 
 /// The drift allowance: every node's clock runs 0.99 % fast, within the 1 % drift factor,
@@ -406,12 +395,7 @@ async fn fast_node_clocks(bug: Option<Bug>) -> Result<(), String> {
 
 #[tokio::test(start_paused = true)]
 async fn the_drift_allowance_covers_node_clocks_that_run_fast() {
-    fast_node_clocks(None).await.unwrap();
-    let caught = fast_node_clocks(Some(Bug::NoDrift)).await;
-    eprintln!(
-        "with the hole planted back: {}",
-        caught.expect_err("the planted bug went unnoticed")
-    );
+    holds_and_catches(fast_node_clocks, Bug::NoDrift).await;
 }
 
 /// Without a quarantine, a node that restarted empty votes B in at once while A's lock,
@@ -420,9 +404,7 @@ async fn restart_without_quarantine(bug: Option<Bug>) -> Result<(), String> {
     let cluster = planted(3, 11, bug);
     let a = client(&cluster, QUARANTINE).await;
     let b = client(&cluster, QUARANTINE).await;
-    cluster.node(1).set_drop_rate(1.0);
-    let held = a.lock("r", QUARANTINE).await.unwrap();
-    cluster.node(1).set_drop_rate(0.0);
+    let held = lock_without_node_1(&cluster, &a, QUARANTINE).await;
     cluster.node(2).wipe();
     // The first try finds node 2 empty and has it seeded; the second comes after.
     for _ in 0..2 {
@@ -440,12 +422,7 @@ async fn restart_without_quarantine(bug: Option<Bug>) -> Result<(), String> {
 
 #[tokio::test(start_paused = true)]
 async fn a_node_restarted_empty_sits_out_its_quarantine() {
-    restart_without_quarantine(None).await.unwrap();
-    let caught = restart_without_quarantine(Some(Bug::NoQuarantine)).await;
-    eprintln!(
-        "with the hole planted back: {}",
-        caught.expect_err("the planted bug went unnoticed")
-    );
+    holds_and_catches(restart_without_quarantine, Bug::NoQuarantine).await;
 }
 
 /// Smaller: a resource may not collide with the crate's own keys.
