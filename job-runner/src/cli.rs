@@ -299,9 +299,10 @@ pub struct LockExecArgs {
     /// Lock TTL in ms; auto-extended while the command runs.
     #[arg(long, default_value_t = 10_000)]
     pub ttl_ms: u64,
-    /// How long to wait for the lock, in seconds; 0 tries once.
-    #[arg(long, default_value_t = 30)]
-    pub wait_secs: u64,
+    /// How long to wait for the lock, in seconds; 0 tries once [default: 30; when not
+    /// given and too many lock nodes are unreachable for a quorum, fails at once].
+    #[arg(long)]
+    pub wait_secs: Option<u64>,
     /// The longest the lock is held, in seconds: a command still running then gets
     /// SIGTERM and the exit code is 75, as for a lost lock.
     #[arg(long, default_value_t = 3600)]
@@ -752,8 +753,43 @@ async fn lock_exec(
 ) -> Result<i32, Exit> {
     let ttl = Duration::from_millis(args.ttl_ms);
     let locks = connect_locks(settings, ttl).await?;
+    let wait_secs = args.wait_secs.unwrap_or(DEFAULT_LOCK_WAIT_SECS);
+    if args.wait_secs.is_none() {
+        // Waiting only makes sense for a lock that is held elsewhere or nodes that come
+        // and go; when so many nodes cannot be reached that no quorum can answer, say so
+        // now rather than after the whole wait.
+        match locks
+            .lock_with_retry(&[args.resource.as_str()], ttl, RetryPolicy::never())
+            .await
+        {
+            Err(fencelock::Error::NoQuorum {
+                succeeded: 0,
+                failures,
+                quorum,
+                ..
+            }) if failures.len() > locks.nodes().len() - quorum
+                && failures
+                    .iter()
+                    .all(|f| !matches!(f, fencelock::NodeFailure::Restarted { .. })) =>
+            {
+                let failures: Vec<String> = failures.iter().map(ToString::to_string).collect();
+                return Err(Exit::new(
+                    EX_UNAVAILABLE,
+                    format!(
+                        "lock nodes unreachable, so no quorum of {quorum} can answer ({}); not waiting for them (pass --wait-secs to wait)",
+                        failures.join("; ")
+                    ),
+                ));
+            }
+            Err(e) if e.kind() == fencelock::ErrorKind::Config => {
+                return Err(Exit::new(EX_CONFIG, e.to_string()));
+            }
+            Ok(guard) => return run_locked(guard, args, shutdown).await,
+            Err(_) => {}
+        }
+    }
     // Retry about every 150 ms for the whole wait.
-    let retries = (args.wait_secs * 1000 / 150) as u32;
+    let retries = (wait_secs * 1000 / 150) as u32;
     let policy = RetryPolicy::new(
         retries,
         Duration::from_millis(100),
@@ -771,12 +807,25 @@ async fn lock_exec(
             return Err(Exit::new(
                 EX_TEMPFAIL,
                 format!(
-                    "could not take the lock on `{}` within {}s: {e}",
-                    args.resource, args.wait_secs
+                    "could not take the lock on `{}` within {wait_secs}s: {e}",
+                    args.resource
                 ),
             ));
         }
     };
+    run_locked(guard, args, shutdown).await
+}
+
+/// The default of `lock exec --wait-secs`.
+const DEFAULT_LOCK_WAIT_SECS: u64 = 30;
+
+/// Runs `lock exec`'s command under `guard`, kept alive by a watchdog, until it exits or
+/// the lock is lost or a signal comes.
+async fn run_locked(
+    guard: fencelock::LockGuard,
+    args: LockExecArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<i32, Exit> {
     let token = guard.fencing_token().unwrap_or_default();
     tracing::info!(resource = %args.resource, token, "lock taken; running the command");
     let watchdog = guard.auto_extend_with(

@@ -142,3 +142,34 @@ async fn a_ttl_above_the_default_quarantine_gets_a_quarantine_to_match() {
     cluster.assert_no_keys_within(Duration::from_secs(2)).await;
     cluster.teardown().await;
 }
+
+/// With no lock node reachable and no `--wait-secs`, `lock exec` says so and exits 69 at
+/// once, instead of waiting out its default 30 s; given `--wait-secs`, it waits as told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_reachable_node_fails_at_once_unless_told_to_wait() {
+    let nodes = "redis://127.0.0.1:1,redis://127.0.0.1:2,redis://127.0.0.1:3";
+    let run = |extra: &[&str]| {
+        let mut cmd = tokio::process::Command::new(BIN);
+        cmd.env("JOB_RUNNER_LOCK_NODES", nodes)
+            .args(["lock", "exec", "--resource", "r"])
+            .args(extra)
+            .args(["--", "true"])
+            .stdin(Stdio::null());
+        cmd
+    };
+    let started = std::time::Instant::now();
+    let out = run(&[]).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(stderr.contains("lock nodes unreachable"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "waited {:?} for nodes that never answered",
+        started.elapsed()
+    );
+
+    let out = run(&["--wait-secs", "1"]).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    assert!(stderr.contains("within 1s"), "{stderr}");
+}

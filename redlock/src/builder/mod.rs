@@ -342,11 +342,21 @@ impl RedlockBuilder {
         }
 
         let results = join_all(nodes.iter().map(|n| n.warm_up(self.connect_timeout))).await;
+        let mut unreachable = Vec::new();
         for error in results.into_iter().filter_map(Result::err) {
             if let Error::Config(_) = error {
                 return Err(error);
             }
-            tracing::warn!(%error, "lock node unreachable; will keep retrying");
+            unreachable.push(error.to_string());
+        }
+        // Each node's driver logs its own node going down; a client none of whose nodes
+        // answers is worth one line more, since nothing can be locked until one does.
+        if unreachable.len() == nodes.len() {
+            tracing::error!(
+                nodes = nodes.len(),
+                errors = %unreachable.join("; "),
+                "no lock node answered; locks fail until a quorum does"
+            );
         }
 
         #[allow(unused_mut)]
