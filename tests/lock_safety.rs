@@ -277,6 +277,16 @@ async fn huge_durations_are_refused_or_saturate_never_panic() {
     sleep(Duration::from_secs(10)).await;
     assert_eq!(watched.health().state(), LockState::Held);
     watched.stop().await.release().await.unwrap();
+    // A retry policy of `Duration::MAX` waits "forever" for a local holder, not a panic.
+    let holder = locks.lock("r", Duration::from_secs(3)).await.unwrap();
+    let patient = RetryPolicy::new(3, Duration::MAX, Duration::MAX);
+    let waiting = tokio::time::timeout(
+        Duration::from_secs(1),
+        locks.lock_with_retry(&["r"], Duration::from_secs(3), patient),
+    )
+    .await;
+    assert!(waiting.is_err(), "still waiting for the local holder");
+    holder.release().await.unwrap();
     let err = Redlock::builder()
         .restart_quarantine(Duration::MAX)
         .build_simulated(&cluster)

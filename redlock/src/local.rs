@@ -60,7 +60,7 @@ impl LocalTurn {
             attempts: 0,
         };
         let budget = policy.max_total_wait();
-        let deadline = tokio::time::Instant::now() + budget;
+        let deadline = crate::clock::after(tokio::time::Instant::now(), budget);
         // Keys are sorted, so two multi-resource lockers in this process cannot deadlock.
         for slot in slots {
             let guard = match slot.clone().try_lock_owned() {

@@ -62,13 +62,16 @@ impl RetryPolicy {
 
     /// The longest a full schedule can wait in total, not counting the rounds themselves.
     pub fn max_total_wait(&self) -> Duration {
-        (self.delay + self.jitter).saturating_mul(self.retries)
+        self.delay
+            .saturating_add(self.jitter)
+            .saturating_mul(self.retries)
     }
 
     /// One wait, drawn from `rng`.
     pub fn next_delay<R: Rng + ?Sized>(&self, rng: &mut R) -> Duration {
         let jitter_us = u64::try_from(self.jitter.as_micros()).unwrap_or(u64::MAX);
-        self.delay + Duration::from_micros(rng.random_range(0..=jitter_us))
+        self.delay
+            .saturating_add(Duration::from_micros(rng.random_range(0..=jitter_us)))
     }
 
     /// The whole schedule of waits, drawn from `rng`: exactly `retries` of them.
@@ -115,6 +118,13 @@ mod tests {
         let p = RetryPolicy::never();
         assert_eq!(p.schedule(SmallRng::seed_from_u64(1)).count(), 0);
         assert_eq!(p.max_total_wait(), Duration::ZERO);
+    }
+
+    #[test]
+    fn huge_delays_saturate_instead_of_panicking() {
+        let p = RetryPolicy::new(3, Duration::MAX, Duration::MAX);
+        assert_eq!(p.max_total_wait(), Duration::MAX);
+        assert_eq!(p.next_delay(&mut SmallRng::seed_from_u64(1)), Duration::MAX);
     }
 
     #[test]
