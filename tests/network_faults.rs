@@ -86,6 +86,18 @@ async fn a_cut_off_minority_costs_at_most_the_node_timeout_and_leaves_nothing_af
         );
     }
 
+    // The two cut-off nodes were marked down once, and up once their link healed.
+    let health = locks.node_health();
+    let flips: Vec<(bool, u64, u64)> = health
+        .iter()
+        .map(|h| (h.up, h.marked_down, h.marked_up))
+        .collect();
+    let (down_once, never) = ((true, 1, 1), (true, 0, 0));
+    assert_eq!(
+        flips,
+        [never, down_once, never, never, down_once],
+        "{health:?}"
+    );
     // The healed nodes vote again.
     let guard = lock_everywhere(&locks, &cluster, "cut:after").await;
     guard.release().await.unwrap();

@@ -11,7 +11,7 @@ use crate::clock;
 use crate::error::Error;
 use crate::guard::LockGuard;
 use crate::local::LocalTurn;
-use crate::node::Node;
+use crate::node::{Node, NodeHealth};
 use crate::retry::RetryPolicy;
 use crate::scripts;
 use crate::shared::Shared;
@@ -69,6 +69,18 @@ impl Redlock {
     /// The nodes' addresses (`host:port`, without credentials), in configuration order.
     pub fn nodes(&self) -> Vec<&str> {
         self.inner.fanout.nodes().iter().map(Node::addr).collect()
+    }
+
+    /// Each node's health, in configuration order: whether it is up, and how often it was
+    /// marked down and up again.
+    ///
+    /// A node that refuses a connection, or leaves two rounds in a row without an answer,
+    /// is marked down: its calls fail at once (they count as that node's failure in every
+    /// quorum) instead of costing each call a node timeout, and a background probe sends
+    /// it a `PING`, backing off from 50 ms to 1 s, until it answers and is marked up. A
+    /// node that answers late is not down. Each transition is logged once.
+    pub fn node_health(&self) -> Vec<NodeHealth> {
+        self.inner.fanout.nodes().iter().map(Node::health).collect()
     }
 
     /// The retry policy `lock` uses.

@@ -82,6 +82,12 @@ pub enum NodeFailure {
         /// True while the node still needs seeding, false while it sits out its quarantine.
         unseeded: bool,
     },
+    /// The node is marked down (it refused a connection, or left rounds in a row without
+    /// an answer), so it was not asked: a probe brings it back once it answers a `PING`.
+    Down {
+        /// The node's address (`host:port`, never the password).
+        node: String,
+    },
 }
 
 impl NodeFailure {
@@ -90,7 +96,8 @@ impl NodeFailure {
         match self {
             NodeFailure::Timeout { node, .. }
             | NodeFailure::Redis { node, .. }
-            | NodeFailure::Restarted { node, .. } => node,
+            | NodeFailure::Restarted { node, .. }
+            | NodeFailure::Down { node } => node,
         }
     }
 }
@@ -113,6 +120,9 @@ impl fmt::Display for NodeFailure {
                 unseeded: false,
             } => {
                 write!(f, "{node}: came up empty, in quarantine")
+            }
+            NodeFailure::Down { node } => {
+                write!(f, "{node}: marked down, not asked until it answers again")
             }
         }
     }

@@ -237,6 +237,7 @@ impl Fanout {
                         .zip(&calls)
                         .filter(|(_, c)| matches!(c, Slot::Out(_)));
                     for (node, _) in unanswered {
+                        node.missed();
                         out.tally.failed += 1;
                         out.failures.push(NodeFailure::Timeout {
                             node: node.addr().to_owned(),

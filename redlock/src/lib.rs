@@ -85,6 +85,7 @@ pub use builder::{
 pub use client::Redlock;
 pub use error::{ConfigError, Error, ErrorKind, LostReason, NodeFailure};
 pub use guard::LockGuard;
+pub use node::NodeHealth;
 pub use retry::RetryPolicy;
 pub use scoped::ScopedError;
 pub use shared::MAX_TTL;

@@ -98,6 +98,8 @@ pub(super) enum ReplyState {
     Queued(oneshot::Receiver<Result<Value, RedisError>>),
     /// Refused before it was queued (taken by the first poll).
     Refused(Option<RedisError>),
+    /// Not asked: the node is marked down.
+    Down,
     #[cfg(feature = "sim")]
     Sim(std::pin::Pin<Box<dyn Future<Output = Result<i64, RedisError>> + Send>>),
 }
@@ -118,6 +120,11 @@ impl Future for Reply {
                     .and_then(integer),
                 Poll::Pending => return Poll::Pending,
             },
+            ReplyState::Down => {
+                return Poll::Ready(Err(NodeFailure::Down {
+                    node: this.node.to_string(),
+                }));
+            }
             ReplyState::Refused(error) => Err(error.take().unwrap_or_else(|| {
                 RedisError::from((ErrorKind::Client, "a node reply was polled after it ended"))
             })),
@@ -222,6 +229,8 @@ impl Link {
         };
         if replies.iter().any(|r| r.as_ref().is_err_and(broken)) {
             self.disconnect();
+        } else {
+            self.answered();
         }
         replies.into_iter().map(|r| r.map(Value::Int)).collect()
     }
@@ -238,6 +247,8 @@ impl Link {
         };
         if reply.as_ref().is_err_and(broken) {
             self.disconnect();
+        } else {
+            self.answered();
         }
         reply
     }

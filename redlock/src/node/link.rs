@@ -8,6 +8,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ErrorKind, RedisError};
 use tokio::time::Instant;
 
+use super::health::{self, DriverProbe, Health};
 use crate::ops::{NodePolicy, Op, Outcome, Verify, new_value};
 use crate::scripts;
 
@@ -32,11 +33,20 @@ pub(super) struct Link {
     backoff: Duration,
     /// Whether the warning about lossy persistence was logged.
     warned: bool,
+    /// The node's health: a failed connect marks it down, a new connection up.
+    health: Arc<Health>,
+    /// The driver's queue, for the probe a failed connect starts.
+    probe: DriverProbe,
 }
 
 impl Link {
     pub(super) fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// The node answered a command (late or not): it is not down, however slow.
+    pub(super) fn answered(&self) {
+        self.health.answered();
     }
 
     /// Forgets a connection that broke: the next call opens (and verifies) a new one.
@@ -50,8 +60,12 @@ impl Link {
         config: AsyncConnectionConfig,
         connect_timeout: Duration,
         policy: NodePolicy,
+        health: Arc<Health>,
+        probe: DriverProbe,
     ) -> Self {
         Link {
+            health,
+            probe,
             addr,
             client,
             config,
@@ -81,15 +95,23 @@ impl Link {
             };
             match opened {
                 Ok(conn) => {
-                    if self.down.take().is_some() {
-                        tracing::info!(node = %self.addr, "lock node reachable again");
+                    self.down = None;
+                    if self.health.mark_up() {
+                        tracing::info!(node = %self.addr, "lock node reachable again; marked up");
                     }
                     self.backoff = MIN_RECONNECT_BACKOFF;
                     self.conn = Some(conn);
                 }
                 Err(error) => {
-                    if self.down.is_none() {
-                        tracing::warn!(node = %self.addr, %error, "lock node unreachable; calls to it fail until a reconnect succeeds");
+                    // A node whose configuration is refused is not down: the builder
+                    // reports it, and no probe would change it.
+                    if error.kind() != ErrorKind::InvalidClientConfig && self.health.mark_down() {
+                        tracing::warn!(node = %self.addr, %error, "lock node unreachable; marked down: its calls fail at once until a reconnect succeeds");
+                        health::spawn_probe(
+                            self.addr.clone(),
+                            self.health.clone(),
+                            self.probe.clone(),
+                        );
                     }
                     self.down = Some((Instant::now() + self.backoff, error.clone()));
                     self.backoff = (self.backoff * 2).min(MAX_RECONNECT_BACKOFF);

@@ -2,6 +2,7 @@
 //! node), and the calls it takes. The driver itself is in `driver`, its connection in `link`.
 
 mod driver;
+mod health;
 mod link;
 
 use std::fmt;
@@ -19,6 +20,10 @@ use crate::scripts;
 
 use driver::{Call, Queued, ReplyState, drive, driver_gone};
 pub(crate) use driver::{LateGrants, Payload, Reply};
+pub use health::NodeHealth;
+#[cfg(feature = "sim")]
+pub(crate) use health::Probe;
+use health::{DriverProbe, Health};
 use link::Link;
 
 /// The most calls that may wait for a node's driver. A node that stops answering holds
@@ -36,6 +41,8 @@ pub(crate) struct Node {
     /// The setting that named it (`nodes[i]`), for configuration errors.
     field: &'static str,
     backend: Backend,
+    /// Up or down: a node that is down fails its calls at once (see `health`).
+    health: Arc<Health>,
 }
 
 #[derive(Clone)]
@@ -86,13 +93,26 @@ impl Node {
             .map_err(|_| Error::config(field, "the client must be built inside a tokio runtime"))?;
         let (ops, rx) = mpsc::unbounded_channel();
         let backlog = Arc::new(AtomicUsize::new(0));
-        let link = Link::new(addr.clone(), client, config, connect_timeout, policy);
+        let health = Arc::new(Health::default());
+        let link = Link::new(
+            addr.clone(),
+            client,
+            config,
+            connect_timeout,
+            policy,
+            health.clone(),
+            DriverProbe {
+                ops: ops.downgrade(),
+                backlog: backlog.clone(),
+            },
+        );
         runtime.spawn(drive(link, rx, ops.downgrade(), backlog.clone()));
         Ok((
             Node {
                 addr,
                 field,
                 backend: Backend::Redis { ops, backlog },
+                health,
             },
             identity,
         ))
@@ -104,6 +124,7 @@ impl Node {
             addr: conn.name().into(),
             field: "nodes",
             backend: Backend::Sim(Arc::new(conn)),
+            health: Arc::default(),
         }
     }
 
@@ -123,6 +144,45 @@ impl Node {
         &self.addr
     }
 
+    /// The node's health now.
+    pub(crate) fn health(&self) -> NodeHealth {
+        self.health.report(&self.addr)
+    }
+
+    /// A round gave up waiting for this node: enough of those in a row mark it down.
+    pub(crate) fn missed(&self) {
+        if self.health.missed() {
+            tracing::warn!(node = %self.addr, misses = health::DOWN_AFTER_MISSES, "lock node left rounds in a row unanswered; marked down: its calls fail at once until it answers a probe");
+            self.probe();
+        }
+    }
+
+    /// Starts the probe that marks the node up once it answers.
+    fn probe(&self) {
+        match &self.backend {
+            Backend::Redis { ops, backlog } => health::spawn_probe(
+                self.addr.clone(),
+                self.health.clone(),
+                DriverProbe {
+                    ops: ops.downgrade(),
+                    backlog: backlog.clone(),
+                },
+            ),
+            #[cfg(feature = "sim")]
+            Backend::Sim(sim) => health::spawn_probe(
+                self.addr.clone(),
+                self.health.clone(),
+                crate::sim::SimProbe::new(sim),
+            ),
+        }
+    }
+
+    fn down(&self) -> NodeFailure {
+        NodeFailure::Down {
+            node: self.addr.to_string(),
+        }
+    }
+
     /// Runs `op`; every script returns an integer, which `op` reads. The caller bounds the
     /// time it may take.
     ///
@@ -137,6 +197,12 @@ impl Node {
         // it instead, so that each starts exactly when its round does.)
         #[cfg(feature = "sim")]
         if let Backend::Sim(sim) = &self.backend {
+            if self.health.is_down() {
+                return Reply {
+                    node: self.addr.clone(),
+                    state: ReplyState::Down,
+                };
+            }
             let (tx, rx) = oneshot::channel();
             let sim = sim.clone();
             tokio::spawn(async move {
@@ -166,7 +232,22 @@ impl Node {
     }
 
     /// [`eval`](Self::eval) of a call encoded once for every node of a round.
+    ///
+    /// A node that is down is not asked: the reply is its failure, at once. A release is
+    /// still queued for it, unawaited, so that a node that comes back (a paused one, or
+    /// one whose network healed) drops our keys before their TTL.
     pub(crate) fn eval_shared(&self, payload: &Arc<Payload>, late: Option<&LateGrants>) -> Reply {
+        if self.health.is_down() {
+            if matches!(payload.op, Op::Release(_))
+                && let Backend::Redis { .. } = &self.backend
+            {
+                let _ = self.enqueue(Call::Script(payload.clone()), None);
+            }
+            return Reply {
+                node: self.addr.clone(),
+                state: ReplyState::Down,
+            };
+        }
         let state = match &self.backend {
             Backend::Redis { .. } => match self.enqueue(Call::Script(payload.clone()), late) {
                 Ok(rx) => ReplyState::Queued(rx),
@@ -231,6 +312,9 @@ impl Node {
         quarantine_ms: u64,
         timeout: Duration,
     ) -> Result<NodeState, NodeFailure> {
+        if self.health.is_down() {
+            return Err(self.down());
+        }
         #[cfg(feature = "sim")]
         if let Backend::Sim(sim) = &self.backend {
             return self
@@ -301,6 +385,9 @@ impl Node {
         cmd: &redis::Cmd,
         timeout: Duration,
     ) -> Result<T, NodeFailure> {
+        if self.health.is_down() {
+            return Err(self.down());
+        }
         let rx = self
             .enqueue(Call::Command(cmd.clone()), None)
             .map_err(|error| self.failure(error))?;

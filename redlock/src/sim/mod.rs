@@ -390,11 +390,46 @@ impl SimConn {
             .await
     }
 
+    /// A probe's `PING`: answered once the node is not paused. It takes no part in the
+    /// node's seeded faults (delays, losses, stalls), so that probing a node does not shift
+    /// the schedule of the calls that a test arranges.
+    pub(crate) async fn ping(&self) {
+        loop {
+            let resumed = self.node.resumed.notified();
+            if !self.node.state().paused {
+                return;
+            }
+            resumed.await;
+        }
+    }
+
     /// One script call.
     pub(crate) async fn eval(&self, op: &Op) -> Result<i64, redis::RedisError> {
         let planted = self.node.planted_set();
         self.node
             .call(self, |data, now| Ok(model::run(data, now, op, planted)))
             .await
+    }
+}
+
+/// A model node's side of a health probe (see `node::health`).
+pub(crate) struct SimProbe(std::sync::Weak<SimConn>);
+
+impl SimProbe {
+    pub(crate) fn new(conn: &Arc<SimConn>) -> Self {
+        SimProbe(Arc::downgrade(conn))
+    }
+}
+
+impl crate::node::Probe for SimProbe {
+    async fn ping(&self) -> Result<(), redis::RedisError> {
+        if let Some(conn) = self.0.upgrade() {
+            conn.ping().await;
+        }
+        Ok(())
+    }
+
+    fn alive(&self) -> bool {
+        self.0.strong_count() > 0
     }
 }

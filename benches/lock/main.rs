@@ -11,9 +11,15 @@
 //! hand-offs, most without a round), the same on a fenced client (each holder gets its own
 //! token: hand-offs without a round use tokens reserved by the last round), and 16 clients
 //! of one task each, which is what 16 processes would see.
+//!
+//! The fault rows (`faults.rs`) show what a failed minority of nodes costs, and are drawn
+//! to `docs/lock-faults.svg`. `BENCH_PART=sizes` or `BENCH_PART=faults` runs one part only.
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../../tests/support/mod.rs"]
 mod support;
+
+mod chart;
+mod faults;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -220,7 +226,16 @@ async fn main() {
             _ => panic!("BENCH_RUNS must be a positive number of runs, not {v:?}"),
         })
         .unwrap_or(RUNS);
+    let part = std::env::var("BENCH_PART").unwrap_or_default();
+    let (do_sizes, do_faults) = match part.as_str() {
+        "" | "all" => (true, true),
+        "sizes" => (true, false),
+        "faults" => (false, true),
+        other => panic!("BENCH_PART must be `sizes`, `faults` or `all`, not {other:?}"),
+    };
+    let sizes = if do_sizes { sizes } else { Vec::new() };
     let mut rows: Vec<Vec<Row>> = vec![Vec::new(); sizes.len()];
+    let mut fault_rows: Vec<Vec<faults::FaultRow>> = vec![Vec::new(); faults::Fault::ALL.len()];
     // One untimed pass first: the first phases after the containers start run slower.
     eprintln!("warm-up");
     {
@@ -272,6 +287,18 @@ async fn main() {
                 raw50,
             });
         }
+        if do_faults {
+            for (i, fault) in faults::Fault::ALL.into_iter().enumerate() {
+                let row = faults::measure(&cluster, fault).await;
+                eprintln!(
+                    "  {}: sequential {:.0}/s, 64 tasks {:.0}/s",
+                    fault.label(),
+                    row.seq_rate,
+                    row.par_rate
+                );
+                fault_rows[i].push(row);
+            }
+        }
     }
     // The raw SET of the baseline leaves its key behind; nothing of the lock's should be.
     for i in 0..5 {
@@ -282,7 +309,20 @@ async fn main() {
             .await
             .unwrap();
     }
-    cluster.assert_no_keys().await;
+    // A paused node's keys from before its pause are released when it answers again.
+    cluster.assert_no_keys_within(Duration::from_secs(5)).await;
+    if do_faults {
+        faults::report(&fault_rows);
+        let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/lock-faults.svg");
+        match chart::draw(&chart, &fault_rows) {
+            Ok(()) => println!("\nchart: {}", chart.display()),
+            Err(e) => eprintln!("could not draw {}: {e}", chart.display()),
+        }
+    }
+    if sizes.is_empty() {
+        cluster.teardown().await;
+        return;
+    }
 
     let m = |i: usize, f: fn(&Row) -> f64| median(rows[i].iter().map(f).collect());
     println!(
@@ -327,8 +367,12 @@ async fn main() {
         sizes[five]
     );
     println!(
-        "  sequential / raw -c 1:      {:.3}x (>= 0.25)",
+        "  sequential / raw -c 1:      {:.3}x (>= 0.30)",
         ratio(|r| r.seq_rate, |r| r.raw1)
+    );
+    println!(
+        "  release p50 / acquire p50:  {:.2}x (<= 1.1)",
+        median(rows[five].iter().map(|r| r.rel_p50 / r.acq_p50).collect())
     );
     println!(
         "  64 tasks / raw -c 50:       {:.2}x (>= 0.40)",
