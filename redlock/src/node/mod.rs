@@ -151,6 +151,12 @@ impl Node {
 
     /// A round gave up waiting for this node: enough of those in a row mark it down.
     pub(crate) fn missed(&self) {
+        #[cfg(feature = "sim")]
+        if let Backend::Sim(sim) = &self.backend
+            && sim.planted(crate::sim::Bug::NodeNeverDown)
+        {
+            return;
+        }
         if self.health.missed() {
             tracing::warn!(node = %self.addr, misses = health::DOWN_AFTER_MISSES, "lock node left rounds in a row unanswered; marked down: its calls fail at once until it answers a probe");
             self.probe();

@@ -369,6 +369,10 @@ impl SimConn {
         &self.node.name
     }
 
+    pub(crate) fn planted(&self, bug: Bug) -> bool {
+        self.node.planted(bug)
+    }
+
     /// The model of `init.lua` followed by a read of the node state.
     pub(crate) async fn restart_state(&self, op: &Init) -> NodeState {
         self.node

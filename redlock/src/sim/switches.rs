@@ -38,6 +38,9 @@ pub enum Bug {
     /// The model of `release.lua` deletes a key whatever value it holds: a difference
     /// between the model and the script, for the differential test to find.
     ModelReleaseIgnoresValue,
+    /// A node that stops answering is never marked down: every release waits a whole node
+    /// timeout for it.
+    NodeNeverDown,
 }
 
 /// The bugs planted in a client or a cluster.
