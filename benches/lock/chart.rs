@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::faults::{Fault, FaultRow};
 use crate::median;
@@ -49,6 +50,8 @@ pub(crate) fn draw(path: &Path, rows: &[Vec<FaultRow>]) -> Result<(), Box<dyn st
                 _ => String::new(),
             })
             .y_desc("cycles/s")
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .max_light_lines(0)
             .draw()?;
         chart.draw_series(medians.iter().enumerate().map(|(i, &value)| {
             let i = i as u32;
@@ -66,8 +69,9 @@ pub(crate) fn draw(path: &Path, rows: &[Vec<FaultRow>]) -> Result<(), Box<dyn st
         chart.draw_series(medians.iter().enumerate().map(|(i, &value)| {
             Text::new(
                 format!("{value:.0}"),
-                (SegmentValue::CenterOf(i as u32), value + top * 0.02),
-                ("sans-serif", 13).into_font(),
+                (SegmentValue::CenterOf(i as u32), value + top * 0.01),
+                TextStyle::from(("sans-serif", 13).into_font())
+                    .pos(Pos::new(HPos::Center, VPos::Bottom)),
             )
         }))?;
     }

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use redis::{AsyncConnectionConfig, ErrorKind, FromRedisValue, RedisError, Value};
+use redis::{
+    AsyncConnectionConfig, ErrorKind, FromRedisValue, IntoConnectionInfo, RedisError, Value,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, NodeFailure};
@@ -79,8 +81,15 @@ impl Node {
         connect_timeout: Duration,
         policy: NodePolicy,
     ) -> Result<(Node, NodeIdentity), Error> {
-        let client = redis::Client::open(url)
-            .map_err(|e| Error::config(field, format!("cannot use `{}`: {e}", redact(url))))?;
+        let invalid =
+            |e: RedisError| Error::config(field, format!("cannot use `{}`: {e}", redact(url)));
+        // A lock round is a handful of small writes that each wait for their reply: no
+        // Nagle delay on any of them (redis-rs leaves it on by default).
+        let info = url
+            .into_connection_info()
+            .map_err(invalid)?
+            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        let client = redis::Client::open(info).map_err(invalid)?;
         let info = client.get_connection_info();
         let addr: Arc<str> = info.addr().to_string().into();
         let identity = (addr.to_string(), info.redis_settings().db());
