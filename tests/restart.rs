@@ -239,3 +239,39 @@ async fn a_node_that_may_evict_keys_is_refused_unless_allowed() {
         .unwrap();
     cluster.teardown().await;
 }
+
+/// `SCRIPT FLUSH` on every node under a connected client: the calls that meet NOSCRIPT did
+/// not run and fail like a broken connection; the client reconnects (which loads the
+/// scripts again) and its retry gets the lock, with nothing left behind after release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_whose_script_cache_was_flushed_are_reconnected_and_lock_again() {
+    let cluster = Cluster::start(3).await;
+    // The default retry policy: a retry after a failed round is what recovers.
+    let locks = Redlock::builder()
+        .nodes(cluster.urls())
+        .node_timeout(TEST_NODE_TIMEOUT)
+        .build()
+        .await
+        .unwrap();
+    let guard = locks
+        .lock("flush:before", Duration::from_secs(5))
+        .await
+        .unwrap();
+    guard.release().await.unwrap();
+    for i in 0..3 {
+        let mut c = cluster.conn(i).await;
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    let guard = locks
+        .lock("flush:after", Duration::from_secs(5))
+        .await
+        .expect("the retry after the flush gets the lock");
+    assert_eq!(cluster.holders("flush:after").await, 3);
+    guard.release().await.unwrap();
+    cluster.assert_no_keys().await;
+    cluster.teardown().await;
+}
