@@ -36,6 +36,8 @@ pub(crate) struct Shared {
     pub(crate) max_local_handoffs: usize,
     pub(crate) fencing: bool,
     pub(crate) quarantine: Duration,
+    /// How long a resource's fence counter lives on a node after its last write.
+    pub(crate) fence_window: Duration,
     /// Set while a seeding of restarted nodes runs, so that one client runs one at a time.
     pub(crate) seeding: AtomicBool,
     /// A simulation's switches and the bugs it planted in this client.
@@ -84,6 +86,7 @@ impl Shared {
         max_local_handoffs: usize,
         fencing: bool,
         quarantine: Duration,
+        fence_window: Duration,
     ) -> Self {
         Shared {
             fanout,
@@ -92,6 +95,7 @@ impl Shared {
             max_local_handoffs,
             fencing,
             quarantine,
+            fence_window,
             seeding: AtomicBool::new(false),
             #[cfg(feature = "sim")]
             sim: crate::sim::ClientSim::default(),

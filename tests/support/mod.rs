@@ -321,6 +321,29 @@ impl Cluster {
         self.assert_no_keys_within(Duration::from_secs(1)).await;
     }
 
+    /// `DBSIZE` of node `i`: every key, bookkeeping included.
+    pub async fn dbsize(&self, i: usize) -> u64 {
+        let mut c = self.conn(i).await;
+        redis::cmd("DBSIZE")
+            .query_async(&mut c)
+            .await
+            .expect("DBSIZE")
+    }
+
+    /// `used_memory` of node `i`, from `INFO memory`, in bytes.
+    pub async fn used_memory(&self, i: usize) -> u64 {
+        let mut c = self.conn(i).await;
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut c)
+            .await
+            .expect("INFO memory");
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("used_memory in INFO memory")
+    }
+
     /// Removes every container now (their Drop would too, but later and less visibly).
     pub async fn teardown(self) {
         join_all(self.nodes.into_iter().map(|n| async move {
