@@ -585,9 +585,11 @@ fn a_seed_replays_exactly() {
 /// allowance is not among them: it shows only within about 1 % of a TTL of its expiry,
 /// under the millisecond resolution of tokio's timer here; `tests/lock_safety.rs` shows it
 /// with a schedule of its own.
-const PLANTED: [Bug; 9] = [
+const PLANTED: [Bug; 11] = [
     Bug::NoFenceWriteBack,
     Bug::NoHighWater,
+    Bug::NoFloor,
+    Bug::WriteBackFromZero,
     Bug::ExtendKeepsLongerDeadline,
     Bug::StaleSeed,
     Bug::TtlAboveQuarantine,

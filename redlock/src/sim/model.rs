@@ -141,7 +141,11 @@ pub(super) fn live<'a>(data: &'a Data, key: &str, now: f64) -> Option<&'a str> {
 /// the high-water mark), and the high-water mark: `fence_known` in `prelude.lua`.
 fn fence_known(data: &Data, keys: &[String], now: f64, planted: Planted) -> (i64, i64) {
     let high = data.counter(scripts::HIGH_KEY, now).unwrap_or(0);
-    let floor = data.counter(scripts::FLOOR_KEY, now).unwrap_or(0);
+    let floor = if planted.contains(Bug::NoFloor) {
+        0
+    } else {
+        data.counter(scripts::FLOOR_KEY, now).unwrap_or(0)
+    };
     let missing = if planted.contains(Bug::NoHighWater) {
         0
     } else {
@@ -286,7 +290,16 @@ pub(super) fn run(data: &mut Data, now: f64, op: &Op, planted: Planted) -> i64 {
                 .iter()
                 .all(|k| live(data, k, now) == Some(&*op.value));
             if ours {
-                let (known, high) = fence_known(data, &op.keys, now, planted);
+                let (known, high) = if planted.contains(Bug::WriteBackFromZero) {
+                    let high = data.counter(scripts::HIGH_KEY, now).unwrap_or(0);
+                    let counters = op.keys.iter().map(|k| {
+                        let counter = data.counter(&scripts::fence_key(k), now);
+                        counter.unwrap_or(0)
+                    });
+                    (counters.max().unwrap_or(0), high)
+                } else {
+                    fence_known(data, &op.keys, now, planted)
+                };
                 let value = known.max(op.last_token as i64);
                 fence_store(data, &op.keys, now, value, high, op.window_ms);
             }
