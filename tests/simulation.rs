@@ -584,12 +584,12 @@ fn a_seed_replays_exactly() {
 /// The bugs the random schedules must find, each planted alone. A missing drift
 /// allowance is not among them: it shows only within about 1 % of a TTL of its expiry,
 /// under the millisecond resolution of tokio's timer here; `tests/lock_safety.rs` shows it
-/// with a schedule of its own.
-const PLANTED: [Bug; 11] = [
+/// with a schedule of its own. Nor is a missing floor: it needs a restored counter that
+/// still lives, on the one node that decides with a node that missed the last
+/// acquisitions, which 10 000 schedules did not produce; `tests/fence_safety.rs` shows it.
+const PLANTED: [Bug; 9] = [
     Bug::NoFenceWriteBack,
     Bug::NoHighWater,
-    Bug::NoFloor,
-    Bug::WriteBackFromZero,
     Bug::ExtendKeepsLongerDeadline,
     Bug::StaleSeed,
     Bug::TtlAboveQuarantine,

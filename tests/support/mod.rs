@@ -215,8 +215,9 @@ impl Cluster {
             .is_ok()
     }
 
-    /// Every lock key on node `i`: all keys but fencelock's own permanent bookkeeping (the
-    /// node's restart state and the fence counters, which must outlive every lock).
+    /// Every lock key on node `i`: all keys but fencelock's own bookkeeping (the node's
+    /// restart state, and the fencing state, whose counters outlive the locks by the fence
+    /// window).
     pub async fn keys(&self, i: usize) -> Vec<String> {
         let mut keys = self.all_keys(i).await;
         keys.retain(|k| !k.starts_with("fencelock:"));

@@ -290,16 +290,7 @@ pub(super) fn run(data: &mut Data, now: f64, op: &Op, planted: Planted) -> i64 {
                 .iter()
                 .all(|k| live(data, k, now) == Some(&*op.value));
             if ours {
-                let (known, high) = if planted.contains(Bug::WriteBackFromZero) {
-                    let high = data.counter(scripts::HIGH_KEY, now).unwrap_or(0);
-                    let counters = op.keys.iter().map(|k| {
-                        let counter = data.counter(&scripts::fence_key(k), now);
-                        counter.unwrap_or(0)
-                    });
-                    (counters.max().unwrap_or(0), high)
-                } else {
-                    fence_known(data, &op.keys, now, planted)
-                };
+                let (known, high) = fence_known(data, &op.keys, now, planted);
                 let value = known.max(op.last_token as i64);
                 fence_store(data, &op.keys, now, value, high, op.window_ms);
             }

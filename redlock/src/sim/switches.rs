@@ -41,9 +41,6 @@ pub enum Bug {
     /// The nodes' floor is ignored: a counter restored from an older copy of a node's data
     /// counts for what it says, below tokens handed out since, even after the seeding.
     NoFloor,
-    /// The model of `fence.lua` reads a missing counter as 0, as the old script did, and so
-    /// may set it below the high-water mark it stood for.
-    WriteBackFromZero,
     /// The model of `release.lua` deletes a key whatever value it holds: a difference
     /// between the model and the script, for the differential test to find.
     ModelReleaseIgnoresValue,
