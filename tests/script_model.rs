@@ -180,6 +180,11 @@ impl Picker {
         self.rng.random_bool(0.6).then(|| Fencing {
             reserved: self.rng.random_range(0..4),
             window_ms: self.window_ms(),
+            hint: if self.rng.random_bool(0.7) {
+                0
+            } else {
+                self.rng.random_range(0..30)
+            },
         })
     }
 

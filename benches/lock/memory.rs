@@ -60,9 +60,9 @@ pub(crate) async fn memory_row(cluster: &Cluster) {
     }
     let took = start.elapsed();
     let after_locking = node_state(cluster).await;
-    // Past the window, Redis expires the counters and shrinks its tables within seconds.
-    tokio::time::sleep(MEMORY_WINDOW.saturating_sub(start.elapsed()) + Duration::from_secs(10))
-        .await;
+    // Past the window from the last write, Redis expires the counters and shrinks its
+    // tables within seconds.
+    tokio::time::sleep(MEMORY_WINDOW + Duration::from_secs(5)).await;
     let after_window = node_state(cluster).await;
     println!(
         "\nmemory: {MEMORY_RESOURCES} distinct fenced resources in batches of {MEMORY_BATCH} ({:.1}s), fence window {}s, medians over {n} nodes",

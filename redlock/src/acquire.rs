@@ -114,9 +114,10 @@ impl Shared {
         let value = values[0].clone();
         let ttl_ms = clock::millis_ceil(ttl);
         let window_ms = clock::millis_ceil(self.fence_window);
-        let fencing = fenced.then_some(Fencing {
+        let fencing = fenced.then(|| Fencing {
             reserved,
             window_ms,
+            hint: self.token_hint(keys),
         });
         let op = if previous.is_empty() {
             Op::Acquire(Acquire {
@@ -210,6 +211,9 @@ impl Shared {
                 cleanup.armed = false;
                 if unseeded {
                     self.spawn_seed();
+                }
+                if fenced {
+                    self.remember_token(keys, replies.highest + reserved);
                 }
                 return Ok(Granted {
                     values: values.clone(),

@@ -88,6 +88,10 @@ pub struct Fencing {
     pub reserved: u64,
     /// How long the resources' counters live after this write, in milliseconds.
     pub window_ms: u64,
+    /// The last token this client was given for these resources (0 if none it remembers):
+    /// the node answers more than it, so that a node that missed that acquisition agrees
+    /// with the others.
+    pub hint: u64,
 }
 
 /// Compare-and-delete: see `release.lua`.
@@ -293,6 +297,7 @@ impl Op {
                 number(u8::from(op.fencing.is_some())),
                 number(op.fencing.map_or(0, |f| f.reserved)),
                 number(op.fencing.map_or(0, |f| f.window_ms)),
+                number(op.fencing.map_or(0, |f| f.hint)),
             ],
             Op::Release(op) => op.values.iter().map(|v| text(v)).collect(),
             Op::Extend(op) => std::iter::once(number(op.ttl_ms))
@@ -304,6 +309,7 @@ impl Op {
                 number(u8::from(op.fencing.is_some())),
                 number(op.fencing.map_or(0, |f| f.reserved)),
                 number(op.fencing.map_or(0, |f| f.window_ms)),
+                number(op.fencing.map_or(0, |f| f.hint)),
             ]
             .into_iter()
             .chain(op.chain.iter().map(|v| text(v)))

@@ -79,6 +79,7 @@ fn every_outcome_reads_back_from_its_wire_form() {
         fencing: Some(Fencing {
             reserved: 3,
             window_ms: 9,
+            hint: 5,
         }),
     });
     for reply in [-2, -1, 0, 1, 7] {
@@ -87,7 +88,7 @@ fn every_outcome_reads_back_from_its_wire_form() {
     assert!(acquire.decode(-3).is_err());
     assert_eq!(
         acquire.args(),
-        [&b"v"[..], b"1", b"1", b"1", b"3", b"9"].map(<[u8]>::to_vec)
+        [&b"v"[..], b"1", b"1", b"1", b"3", b"9", b"5"].map(<[u8]>::to_vec)
     );
     assert_eq!(
         acquire.keys(),

@@ -28,6 +28,8 @@
 -- ARGV[4]         1 with fencing, 0 without
 -- ARGV[5]         with fencing: how many tokens after this one to reserve (0 for none)
 -- ARGV[6]         with fencing: the fence window, how long a counter lives, in milliseconds
+-- ARGV[7]         with fencing: the last token this client was given for these resources,
+--                 or 0: the token is larger than it
 --
 -- Returns  >= 1  granted: the fencing token with fencing (the first of the reserved
 --                run), else 1
@@ -83,6 +85,6 @@ else
 end
 local token = 1
 if fenced then
-  token = next_token(KEYS, n, tonumber(ARGV[5]), ARGV[6])
+  token = next_token(KEYS, n, tonumber(ARGV[5]), ARGV[6], ARGV[7])
 end
 return token

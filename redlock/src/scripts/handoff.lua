@@ -14,7 +14,9 @@
 -- ARGV[3]         1 with fencing, 0 without
 -- ARGV[4]         with fencing: how many tokens after this one to reserve, as in acquire
 -- ARGV[5]         with fencing: the fence window in milliseconds, as in acquire (else 0)
--- ARGV[6..m]      the values of the hand-off chain so far, all held by this process (a node
+-- ARGV[6]         with fencing: the last token this client was given for these resources,
+--                 as in acquire (else 0)
+-- ARGV[7..m]      the values of the hand-off chain so far, all held by this process (a node
 --                 that missed a hand-off still holds an earlier one)
 --
 -- Returns  >= 1  every key held a value of the chain and now holds the new one: the
@@ -28,7 +30,7 @@ end
 for i = 1, n do
   local current = redis.call('GET', KEYS[i])
   local ours = false
-  for j = 6, #ARGV do
+  for j = 7, #ARGV do
     if current == ARGV[j] then
       ours = true
       break
@@ -40,7 +42,7 @@ for i = 1, n do
 end
 local token = 1
 if fenced then
-  token = next_token(KEYS, n, tonumber(ARGV[4]), ARGV[5])
+  token = next_token(KEYS, n, tonumber(ARGV[4]), ARGV[5], ARGV[6])
 end
 for i = 1, n do
   redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])

@@ -16,11 +16,14 @@ local ready_checked = false
 -- KEYS[n+1..2n] are the resources' counters, KEYS[2n+1] the high-water mark and KEYS[2n+2]
 -- the floor.
 local function fence_known(KEYS, n)
-  local high = tonumber(redis.call('GET', KEYS[2 * n + 1]) or '0')
-  local floor = tonumber(redis.call('GET', KEYS[2 * n + 2]) or '0')
+  -- One MGET for the counters, the mark and the floor: each call into Redis costs more
+  -- than the Lua around it. A missing key reads as false.
+  local got = redis.call('MGET', unpack(KEYS, n + 1, 2 * n + 2))
+  local high = tonumber(got[n + 1] or '0')
+  local floor = tonumber(got[n + 2] or '0')
   local highest = 0
-  for i = n + 1, 2 * n do
-    local c = redis.call('GET', KEYS[i])
+  for i = 1, n do
+    local c = got[i]
     local known = high
     if c then
       known = math.max(tonumber(c), floor)
@@ -47,11 +50,12 @@ local function fence_store(KEYS, n, value, high, window)
 end
 
 -- The next fencing token for the resources whose counters are KEYS[n+1..2n]: one more than
--- the largest the node knows of them. Every counter is set to it plus the `reserved`
--- tokens after it.
-local function next_token(KEYS, n, reserved, window)
+-- the largest the node knows of them, or than `hint` (the last token this client was
+-- given for them, so that a node that missed that acquisition answers as the others do).
+-- Every counter is set to it plus the `reserved` tokens after it.
+local function next_token(KEYS, n, reserved, window, hint)
   local highest, high = fence_known(KEYS, n)
-  local token = highest + 1
+  local token = math.max(highest, tonumber(hint)) + 1
   fence_store(KEYS, n, token + reserved, high, window)
   return token
 end

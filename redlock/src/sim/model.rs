@@ -186,7 +186,7 @@ fn next_token(
     planted: Planted,
 ) -> u64 {
     let (known, high) = fence_known(data, keys, now, planted);
-    let token = known + 1;
+    let token = known.max(fencing.hint as i64) + 1;
     fence_store(
         data,
         keys,
