@@ -77,7 +77,7 @@ async fn a_cut_off_minority_costs_at_most_the_node_timeout_and_leaves_nothing_af
             .all_keys(i)
             .await
             .into_iter()
-            .filter(|k| k.starts_with("fencelock:fence:"))
+            .filter(|k| k.starts_with("fencelock:fence:{"))
             .collect();
         assert_eq!(
             counters,

@@ -65,9 +65,10 @@ async fn node_restarted_empty_does_not_let_a_second_holder_in() {
         .await
         .unwrap();
     assert_eq!(state.0.as_deref(), Some("1"), "node 2 was seeded");
-    // The counter holds A's token and the tokens A's round reserved after it, as on the
-    // nodes that granted A.
-    let counter: Option<u64> = c2.get("fencelock:fence:{restart:r}").await.unwrap();
+    // Its high-water mark (and floor) is at least A's token and the tokens A's round
+    // reserved after it, as the counter on the nodes that granted A holds.
+    let high: Option<u64> = c2.get("fencelock:fence:high").await.unwrap();
+    let floor: Option<u64> = c2.get("fencelock:fence:floor").await.unwrap();
     let granted: Option<u64> = cluster
         .conn(0)
         .await
@@ -75,7 +76,11 @@ async fn node_restarted_empty_does_not_let_a_second_holder_in() {
         .await
         .unwrap();
     assert!(granted >= Some(token));
-    assert_eq!(counter, granted, "node 2 got the fence counter back");
+    assert!(
+        high >= granted,
+        "node 2's high-water mark {high:?} is below {granted:?}"
+    );
+    assert_eq!(floor, high, "node 2's floor is its seeded high-water mark");
     let err = b.try_lock("restart:other", Duration::from_secs(5)).await;
     if let Err(Error::NoQuorum { failures, .. }) = &err {
         panic!("nodes 0, 1, 3, 4 are a quorum: {failures:?}");

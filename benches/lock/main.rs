@@ -13,13 +13,18 @@
 //! of one task each, which is what 16 processes would see.
 //!
 //! The fault rows (`faults.rs`) show what a failed minority of nodes costs, and are drawn
-//! to `docs/lock-faults.svg`. `BENCH_PART=sizes` or `BENCH_PART=faults` runs one part only.
+//! to `docs/lock-faults.svg`. Fencing is set against the same run's unfenced figures: the
+//! sequential cycle and 64 tasks on distinct resources, each on a fenced client. A last row
+//! (`memory.rs`) locks 100 000 distinct fenced resources and shows the nodes' keys and
+//! `used_memory` before, right after, and once the fence window has passed.
+//! `BENCH_PART=sizes` or `BENCH_PART=faults` runs one part only.
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
 mod chart;
 mod faults;
+mod memory;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -51,6 +56,8 @@ struct Row {
     cont_apart_rate: f64,
     cont_apart_gave_up: f64,
     fenced_seq_rate: f64,
+    /// 64 tasks on distinct resources, on the fenced client.
+    fenced_par_rate: f64,
     /// `redis-benchmark` at `-c 1` and `-c 50`, measured just before this row's phases.
     raw1: f64,
     raw50: f64,
@@ -255,6 +262,7 @@ async fn main() {
             let fenced = client(&urls[..n], true).await;
             let (fenced_seq_rate, _, _) = sequential(&fenced).await;
             let par_rate = parallel(&locks, 64).await;
+            let fenced_par_rate = parallel(&fenced, 64).await;
             let (cont_rate, cont_gave_up) = contention(std::slice::from_ref(&locks), 16).await;
             let (cont_fenced_rate, _) = contention(std::slice::from_ref(&fenced), 16).await;
             let mut apart = Vec::new();
@@ -283,6 +291,7 @@ async fn main() {
                 cont_apart_rate,
                 cont_apart_gave_up,
                 fenced_seq_rate,
+                fenced_par_rate,
                 raw1,
                 raw50,
             });
@@ -390,7 +399,7 @@ async fn main() {
         m(five, |r| r.cont_apart_gave_up)
     );
     println!(
-        "  fenced cycle cost / unfenced: {:.2}x (<= 1.6)",
+        "  fenced cycle cost / unfenced: {:.2}x (<= 1.3)",
         median(
             rows[five]
                 .iter()
@@ -398,5 +407,29 @@ async fn main() {
                 .collect()
         )
     );
+    fenced_rows(&sizes, &rows);
+    memory::memory_row(&cluster).await;
     cluster.teardown().await;
+}
+
+/// The fenced figures next to the unfenced ones of the same runs: sequential cycles and 64
+/// tasks on distinct resources, medians of the per-run ratios.
+fn fenced_rows(sizes: &[usize], rows: &[Vec<Row>]) {
+    println!("\nfenced / unfenced, medians of the per-run ratios:");
+    println!(
+        "| nodes | seq cycles/s | fenced | cost (<= 1.3x) | 64 tasks cycles/s | fenced | ratio (>= 0.8x) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (i, n) in sizes.iter().enumerate() {
+        let m = |f: fn(&Row) -> f64| median(rows[i].iter().map(f).collect());
+        println!(
+            "| {n} | {:.0} | {:.0} | {:.2}x | {:.0} | {:.0} | {:.2}x |",
+            m(|r| r.seq_rate),
+            m(|r| r.fenced_seq_rate),
+            m(|r| r.seq_rate / r.fenced_seq_rate),
+            m(|r| r.par_rate),
+            m(|r| r.fenced_par_rate),
+            m(|r| r.fenced_par_rate / r.par_rate),
+        );
+    }
 }

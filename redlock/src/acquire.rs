@@ -12,7 +12,7 @@ use crate::error::Error;
 use crate::fanout::Until;
 use crate::local::LocalTurn;
 use crate::node::LateGrants;
-use crate::ops::{Acquire, Fence, Handoff, Op, new_value};
+use crate::ops::{Acquire, Fence, Fencing, Handoff, Op, new_value};
 use crate::quorum::Decision;
 use crate::shared::{Granted, Shared};
 
@@ -113,7 +113,12 @@ impl Shared {
         };
         let value = values[0].clone();
         let ttl_ms = clock::millis_ceil(ttl);
-        let fencing = fenced.then_some(reserved);
+        let window_ms = clock::millis_ceil(self.fence_window);
+        let fencing = fenced.then(|| Fencing {
+            reserved,
+            window_ms,
+            hint: self.token_hint(keys),
+        });
         let op = if previous.is_empty() {
             Op::Acquire(Acquire {
                 keys: keys.clone(),
@@ -166,6 +171,7 @@ impl Shared {
                 keys: keys.clone(),
                 value,
                 last_token: replies.highest + reserved,
+                window_ms,
             });
             let write_back = self
                 .fanout
@@ -205,6 +211,9 @@ impl Shared {
                 cleanup.armed = false;
                 if unseeded {
                     self.spawn_seed();
+                }
+                if fenced {
+                    self.remember_token(keys, replies.highest + reserved);
                 }
                 return Ok(Granted {
                     values: values.clone(),

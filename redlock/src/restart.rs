@@ -1,14 +1,15 @@
 //! Restart awareness: bringing nodes that came up empty back into service.
 //!
 //! The acquire script keeps a node that lost its data out of every quorum (it answers
-//! "unseeded", then "in quarantine"). A client that meets such a node seeds it: it copies
-//! the fence counters from a quorum of seeded nodes, taking the largest value of each, and
-//! marks the node seeded. The quarantine then runs out on the node's own clock. When a
-//! quorum of nodes is unseeded and none is seeded, the cluster is new: nothing was ever
-//! locked, so the nodes are marked seeded and the quarantine is lifted. When fewer than a
-//! quorum are seeded but every node answers (a majority lost its data, or empty nodes were
-//! added), the remaining counters are the best there is: they are copied, the quarantine
-//! stays, and an error is logged, since tokens may then repeat.
+//! "unseeded", then "in quarantine"). A client that meets such a node seeds it: it reads the
+//! fencing state (high-water marks and counters) of a quorum of seeded nodes, raises the
+//! node's high-water mark and floor to the largest number read, and marks the node seeded.
+//! The quarantine then runs out on the node's own clock. When a quorum of nodes is unseeded
+//! and none is seeded, the cluster is new: nothing was ever locked, so the nodes are marked
+//! seeded and the quarantine is lifted. When fewer than a quorum are seeded but every node
+//! answers (a majority lost its data, or empty nodes were added), the remaining state is the
+//! best there is: it is used, the quarantine stays, and an error is logged, since tokens may
+//! then repeat.
 //!
 //! The decision is made from the states read, and the seeding calls may reach a node late,
 //! after it restarted again. Each call therefore carries the `nonce` of the node state it
@@ -18,7 +19,6 @@
 //! two steps (`genesis.lua`), so that reads that went stale before the decision was
 //! applied cannot open a node either.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -44,8 +44,8 @@ impl Drop for SeedingFlag<'_> {
 impl Shared {
     /// Seeds every reachable node that came up empty. Returns whether any node was seeded.
     ///
-    /// Idempotent and safe to run from several clients at once: seeding only raises
-    /// counters. One client runs one seeding at a time.
+    /// Idempotent and safe to run from several clients at once: seeding only raises the
+    /// nodes' high-water marks and floors. One client runs one seeding at a time.
     pub(crate) async fn seed_nodes(&self) -> bool {
         if self.seeding.swap(true, Ordering::SeqCst) {
             return false;
@@ -79,7 +79,7 @@ impl Shared {
         if seeded.is_empty() && unseeded.len() >= quorum && all_answered {
             return self.open_new_cluster(&unseeded).await;
         }
-        let counters = if seeded.is_empty() && unseeded.len() >= quorum {
+        let high = if seeded.is_empty() && unseeded.len() >= quorum {
             // A new cluster with nodes down, or a majority that lost its data while the
             // others are out of reach: the two look alike from here. Seed with what there
             // is (nothing) and keep the quarantine, which is only slow if the cluster is new.
@@ -88,10 +88,10 @@ impl Shared {
                 unanswered = nodes.len() - unseeded.len(),
                 "a quorum of lock nodes has no state and the others do not answer: a new cluster with nodes down, or a majority that lost its data; they vote after their quarantine, and fencing tokens may start again"
             );
-            HashMap::new()
+            0
         } else if seeded.len() >= quorum {
-            match read_counters(&seeded, quorum).await {
-                Some(counters) => counters,
+            match read_high(&seeded, quorum).await {
+                Some(high) => high,
                 None => return false,
             }
         } else if all_answered && !seeded.is_empty() {
@@ -104,8 +104,8 @@ impl Shared {
                 quorum,
                 "fewer than a quorum of lock nodes kept their data; seeding from the rest: fencing tokens issued before may repeat (run the lock nodes with AOF)"
             );
-            match read_counters(&seeded, seeded.len()).await {
-                Some(counters) => counters,
+            match read_high(&seeded, seeded.len()).await {
+                Some(high) => high,
                 None => return false,
             }
         } else {
@@ -116,13 +116,12 @@ impl Shared {
             );
             return false;
         };
-        let counters: Vec<(String, i64)> = counters.into_iter().collect();
         let mut any = false;
         for (node, nonce) in unseeded {
             let seed = node.run(Op::Seed(Seed {
                 quarantine_ms,
                 nonce,
-                counters: counters.clone(),
+                high,
             }));
             match tokio::time::timeout(SEED_TIMEOUT, seed).await {
                 Ok(Ok(Outcome::Seeded(false))) => tracing::info!(
@@ -131,11 +130,7 @@ impl Shared {
                 ),
                 Ok(Ok(_)) => {
                     any = true;
-                    tracing::info!(
-                        node = node.addr(),
-                        counters = counters.len(),
-                        "seeded a node that came up empty"
-                    );
+                    tracing::info!(node = node.addr(), high, "seeded a node that came up empty");
                 }
                 Ok(Err(failure)) => tracing::warn!(%failure, "could not seed node"),
                 Err(_) => tracing::warn!(node = node.addr(), "seeding timed out"),
@@ -199,24 +194,24 @@ impl Shared {
     }
 }
 
-/// The largest value of every fence counter across the seeded nodes, or `None` when fewer
-/// than a quorum of them could be read. A quorum suffices: any token ever handed out was
-/// written back to a quorum, and two quorums share a node.
-async fn read_counters(seeded: &[&Node], quorum: usize) -> Option<HashMap<String, i64>> {
+/// The largest fencing number on the seeded nodes: their high-water marks, and every
+/// counter too (a counter written by an older client, which keeps no high-water mark, may
+/// be above it), or `None` when fewer than a quorum of them could be read. A quorum
+/// suffices: any token ever handed out is known to a quorum, and two quorums share a node.
+async fn read_high(seeded: &[&Node], quorum: usize) -> Option<u64> {
     let reads = join_all(seeded.iter().map(|n| n.fence_counters(SEED_TIMEOUT))).await;
-    let mut merged: HashMap<String, i64> = HashMap::new();
+    let mut high = 0;
     let mut ok = 0;
     for read in reads {
         match read {
             Ok(counters) => {
                 ok += 1;
-                for (k, v) in counters {
-                    let e = merged.entry(k).or_insert(v);
-                    *e = (*e).max(v);
+                for (_, v) in counters {
+                    high = high.max(u64::try_from(v).unwrap_or(0));
                 }
             }
             Err(failure) => tracing::warn!(%failure, "could not read fence counters"),
         }
     }
-    (ok >= quorum).then_some(merged)
+    (ok >= quorum).then_some(high)
 }

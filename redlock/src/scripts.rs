@@ -16,7 +16,8 @@ pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(SOURC
 pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[2]));
 pub(crate) static HANDOFF: LazyLock<Script> =
     LazyLock::new(|| Script::new(&format!("{PRELUDE}{}", SOURCES[3])));
-pub(crate) static FENCE: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[4]));
+pub(crate) static FENCE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{PRELUDE}{}", SOURCES[4])));
 pub(crate) static SEED: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[5]));
 pub(crate) static INIT: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[6]));
 pub(crate) static VERIFY: LazyLock<Script> = LazyLock::new(|| Script::new(SOURCES[7]));
@@ -45,8 +46,8 @@ fn batch_source() -> String {
     lua
 }
 
-/// Declared before the acquire and hand-off scripts' bodies, on their own and once per
-/// batch: what they share.
+/// Declared before the acquire, hand-off and fence scripts' bodies, on their own and once
+/// per batch: what they share.
 const PRELUDE: &str = include_str!("scripts/prelude.lua");
 
 /// The scripts' sources, in the order of [`all`].
@@ -81,8 +82,19 @@ pub(crate) const NODE_KEY: &str = "fencelock:node";
 pub(crate) const RESERVED_PREFIX: &str = "fencelock:";
 
 /// The prefix of fence counter keys; the resource name follows, in braces so that a
-/// counter lands in the same Redis Cluster slot as its lock.
+/// counter lands in the same Redis Cluster slot as its lock. The node's high-water mark and
+/// floor share the prefix (without braces, so no resource's counter is ever named like
+/// them): a seeding that reads every key under it reads them too, that of an older client
+/// included.
 pub(crate) const FENCE_PREFIX: &str = "fencelock:fence:";
+
+/// The node's high-water mark: at least every value a fence counter with a TTL ever had on
+/// the node. A resource whose counter expired is known by it.
+pub(crate) const HIGH_KEY: &str = "fencelock:fence:high";
+
+/// The node's floor: its high-water mark when it was last seeded. A counter below it (kept
+/// from an older copy of the node's data) counts as the floor.
+pub(crate) const FLOOR_KEY: &str = "fencelock:fence:floor";
 
 /// The fence counter key of `resource`.
 pub(crate) fn fence_key(resource: &str) -> String {

@@ -36,6 +36,8 @@ pub(crate) struct Shared {
     pub(crate) max_local_handoffs: usize,
     pub(crate) fencing: bool,
     pub(crate) quarantine: Duration,
+    /// How long a resource's fence counter lives on a node after its last write.
+    pub(crate) fence_window: Duration,
     /// Set while a seeding of restarted nodes runs, so that one client runs one at a time.
     pub(crate) seeding: AtomicBool,
     /// A simulation's switches and the bugs it planted in this client.
@@ -44,7 +46,14 @@ pub(crate) struct Shared {
     /// Tasks of this process that want the same resource queue here instead of hammering
     /// the nodes: one of them contends in Redis, the rest wait for a hand-off.
     pub(crate) local: Slots,
+    /// With fencing, the last token each recently locked resource was given in this
+    /// process, as a hint for its next round (see [`Shared::token_hint`]).
+    recent_tokens: StdMutex<HashMap<String, u64>>,
 }
+
+/// How many resources' last tokens a client remembers; past that it forgets them all and
+/// starts again. The hints only save rounds, so forgetting costs at most one each.
+const RECENT_TOKENS: usize = 4096;
 
 /// What a holder has: granted by an acquire round, or handed on without a round by the
 /// previous holder in this process (then it waits in the local queue as a baton).
@@ -84,6 +93,7 @@ impl Shared {
         max_local_handoffs: usize,
         fencing: bool,
         quarantine: Duration,
+        fence_window: Duration,
     ) -> Self {
         Shared {
             fanout,
@@ -92,10 +102,36 @@ impl Shared {
             max_local_handoffs,
             fencing,
             quarantine,
+            fence_window,
             seeding: AtomicBool::new(false),
             #[cfg(feature = "sim")]
             sim: crate::sim::ClientSim::default(),
             local: Slots::default(),
+            recent_tokens: StdMutex::default(),
+        }
+    }
+
+    /// The last token this process was given for any of `keys`, or 0: a round passes it to
+    /// the nodes, which answer more than it. A node that missed this process's last
+    /// acquisition of a resource then answers what the others do, and no write-back round
+    /// is needed. Any hint is safe: a larger answer never breaks the tokens' order.
+    pub(crate) fn token_hint(&self, keys: &[String]) -> u64 {
+        let recent = self.recent_tokens.lock().unwrap_or_else(|p| p.into_inner());
+        keys.iter()
+            .filter_map(|k| recent.get(k).copied())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Remembers `last`, the last token a round reserved, for `keys`.
+    pub(crate) fn remember_token(&self, keys: &[String], last: u64) {
+        let mut recent = self.recent_tokens.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() + keys.len() > RECENT_TOKENS {
+            recent.clear();
+        }
+        for k in keys {
+            let e = recent.entry(k.clone()).or_insert(last);
+            *e = (*e).max(last);
         }
     }
 

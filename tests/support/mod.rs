@@ -215,8 +215,9 @@ impl Cluster {
             .is_ok()
     }
 
-    /// Every lock key on node `i`: all keys but fencelock's own permanent bookkeeping (the
-    /// node's restart state and the fence counters, which must outlive every lock).
+    /// Every lock key on node `i`: all keys but fencelock's own bookkeeping (the node's
+    /// restart state, and the fencing state, whose counters outlive the locks by the fence
+    /// window).
     pub async fn keys(&self, i: usize) -> Vec<String> {
         let mut keys = self.all_keys(i).await;
         keys.retain(|k| !k.starts_with("fencelock:"));
@@ -319,6 +320,29 @@ impl Cluster {
 
     pub async fn assert_no_keys(&self) {
         self.assert_no_keys_within(Duration::from_secs(1)).await;
+    }
+
+    /// `DBSIZE` of node `i`: every key, bookkeeping included.
+    pub async fn dbsize(&self, i: usize) -> u64 {
+        let mut c = self.conn(i).await;
+        redis::cmd("DBSIZE")
+            .query_async(&mut c)
+            .await
+            .expect("DBSIZE")
+    }
+
+    /// `used_memory` of node `i`, from `INFO memory`, in bytes.
+    pub async fn used_memory(&self, i: usize) -> u64 {
+        let mut c = self.conn(i).await;
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut c)
+            .await
+            .expect("INFO memory");
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("used_memory in INFO memory")
     }
 
     /// Removes every container now (their Drop would too, but later and less visibly).

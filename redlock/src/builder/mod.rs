@@ -32,6 +32,13 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// The default restart quarantine: 30 s. See [`RedlockBuilder::restart_quarantine`].
 pub const DEFAULT_RESTART_QUARANTINE: Duration = Duration::from_secs(30);
 
+/// The default fence window: 5 minutes. See [`RedlockBuilder::fence_window`].
+pub const DEFAULT_FENCE_WINDOW: Duration = Duration::from_secs(300);
+
+/// The longest fence window: 30 days. A longer one would keep nodes' memory growing for
+/// as long, which is what the window is there to prevent.
+pub const MAX_FENCE_WINDOW: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// The default bound on in-process hand-offs in a row: 8. See
 /// [`RedlockBuilder::max_local_handoffs`].
 pub const DEFAULT_MAX_LOCAL_HANDOFFS: usize = 8;
@@ -54,6 +61,7 @@ impl Redlock {
 /// | [`connect_timeout`](Self::connect_timeout) | [`DEFAULT_CONNECT_TIMEOUT`], 1 s |
 /// | [`max_local_handoffs`](Self::max_local_handoffs) | [`DEFAULT_MAX_LOCAL_HANDOFFS`], 8 |
 /// | [`fencing`](Self::fencing) | off |
+/// | [`fence_window`](Self::fence_window) | [`DEFAULT_FENCE_WINDOW`], 5 min |
 /// | [`restart_quarantine`](Self::restart_quarantine) | [`DEFAULT_RESTART_QUARANTINE`], 30 s |
 /// | [`allow_eviction`](Self::allow_eviction) | false: nodes that may evict keys are refused |
 #[derive(Debug, Clone)]
@@ -66,6 +74,7 @@ pub struct RedlockBuilder {
     connect_timeout: Duration,
     max_local_handoffs: usize,
     fencing: bool,
+    fence_window: Duration,
     quarantine: Duration,
     allow_eviction: bool,
 }
@@ -80,6 +89,7 @@ impl Default for RedlockBuilder {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_local_handoffs: DEFAULT_MAX_LOCAL_HANDOFFS,
             fencing: false,
+            fence_window: DEFAULT_FENCE_WINDOW,
             quarantine: DEFAULT_RESTART_QUARANTINE,
             allow_eviction: false,
         }
@@ -151,12 +161,32 @@ impl RedlockBuilder {
     /// greater than the token of every earlier holder of the same resources, for the
     /// resource you protect to check (see `docs/fencing.md`).
     ///
-    /// The price: each node keeps one counter per resource, for good; the acquire script
-    /// reads and bumps it; and when the quorum's counters disagree (after a node missed
-    /// acquisitions), one more parallel round writes the token back before `lock` returns.
-    /// In steady state the counters agree and there is no extra round.
+    /// The price: each node keeps one counter per resource locked within the
+    /// [`fence_window`](Self::fence_window), plus two keys of its own; the acquire script
+    /// reads and bumps the counter; and when the quorum's answers disagree (after a node
+    /// missed acquisitions, or for a resource whose counters have expired), one more
+    /// parallel round writes the token back before `lock` returns. A resource locked again
+    /// within the window, on nodes that saw its last acquisition, costs no extra round.
     pub fn fencing(mut self, on: bool) -> Self {
         self.fencing = on;
+        self
+    }
+
+    /// How long a node keeps a resource's fence counter after its last acquisition (default
+    /// [`DEFAULT_FENCE_WINDOW`], 5 minutes). Must be between 1 ms and
+    /// [`MAX_FENCE_WINDOW`].
+    ///
+    /// The window bounds the nodes' memory (one small key per resource locked within it)
+    /// and never the tokens' order: a resource whose counter expired gets a token above the
+    /// node's high-water mark, larger than every token the node stored. It only decides
+    /// the price: a resource locked again within the window costs no extra round, one
+    /// locked after it usually costs one (see `docs/fencing.md`).
+    ///
+    /// While clients of a version that keeps counters forever use the same nodes (a
+    /// rolling upgrade), give the new clients a window longer than the upgrade takes: an
+    /// older client reads a counter that expired as 0.
+    pub fn fence_window(mut self, window: Duration) -> Self {
+        self.fence_window = window;
         self
     }
 
@@ -195,9 +225,9 @@ impl RedlockBuilder {
     /// Nodes that cannot be reached now are logged and retried in the background: a client
     /// with a minority of nodes down still locks. Only settings that can never work fail:
     /// no nodes, a URL that does not parse, the same node twice, a drift factor outside
-    /// `[0, 0.5)`, a zero timeout, a quarantine outside `[1 ms, MAX_TTL]`, and a reachable
-    /// node whose `maxmemory-policy` may evict keys (see
-    /// [`allow_eviction`](Self::allow_eviction)). An even number of nodes is allowed with a warning, since
+    /// `[0, 0.5)`, a zero timeout, a quarantine outside `[1 ms, MAX_TTL]`, a fence window
+    /// outside `[1 ms, MAX_FENCE_WINDOW]`, and a reachable node whose `maxmemory-policy`
+    /// may evict keys (see [`allow_eviction`](Self::allow_eviction)). An even number of nodes is allowed with a warning, since
     /// it tolerates no more failures than one node fewer.
     ///
     /// # Errors
@@ -322,6 +352,15 @@ impl RedlockBuilder {
                 ),
             ));
         }
+        if self.fence_window < Duration::from_millis(1) || self.fence_window > MAX_FENCE_WINDOW {
+            return Err(Error::config(
+                "fence_window",
+                format!(
+                    "{:?} is outside [1ms, {MAX_FENCE_WINDOW:?}]",
+                    self.fence_window
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -367,6 +406,7 @@ impl RedlockBuilder {
             self.max_local_handoffs,
             self.fencing,
             self.quarantine,
+            self.fence_window,
         );
         #[cfg(feature = "sim")]
         {

@@ -86,3 +86,17 @@ async fn unreachable_nodes_do_not_fail_build() {
         .expect("unreachable nodes are retried, not fatal");
     assert_eq!(client.quorum(), 2);
 }
+
+#[tokio::test]
+async fn fence_window_range() {
+    for bad in [Duration::ZERO, MAX_FENCE_WINDOW + Duration::from_millis(1)] {
+        let e = build_err(
+            RedlockBuilder::default()
+                .node("redis://127.0.0.1:1")
+                .fence_window(bad),
+        )
+        .await;
+        assert!(e.to_string().starts_with("invalid `fence_window`"), "{e}");
+    }
+    assert_eq!(RedlockBuilder::default().fence_window, DEFAULT_FENCE_WINDOW);
+}

@@ -77,8 +77,21 @@ pub struct Acquire {
     pub ttl_ms: u64,
     /// The quarantine a node seen empty for the first time starts, in milliseconds.
     pub quarantine_ms: u64,
-    /// With fencing: how many tokens after the one issued to reserve.
-    pub fencing: Option<u64>,
+    /// With fencing: the tokens to reserve and the counters' window.
+    pub fencing: Option<Fencing>,
+}
+
+/// What a fenced acquisition or hand-off asks of a node besides the lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fencing {
+    /// How many tokens after the one issued to reserve.
+    pub reserved: u64,
+    /// How long the resources' counters live after this write, in milliseconds.
+    pub window_ms: u64,
+    /// The last token this client was given for these resources (0 if none it remembers):
+    /// the node answers more than it, so that a node that missed that acquisition agrees
+    /// with the others.
+    pub hint: u64,
 }
 
 /// Compare-and-delete: see `release.lua`.
@@ -110,8 +123,8 @@ pub struct Handoff {
     pub value: Arc<str>,
     /// The TTL in milliseconds.
     pub ttl_ms: u64,
-    /// With fencing: how many tokens after the one issued to reserve.
-    pub fencing: Option<u64>,
+    /// With fencing: the tokens to reserve and the counters' window.
+    pub fencing: Option<Fencing>,
     /// The values of the chain so far.
     pub chain: Vec<Arc<str>>,
 }
@@ -125,6 +138,8 @@ pub struct Fence {
     pub value: Arc<str>,
     /// The token plus the tokens reserved after it.
     pub last_token: u64,
+    /// How long the resources' counters live after this write, in milliseconds.
+    pub window_ms: u64,
 }
 
 /// Seeds a node that came up empty: see `seed.lua`.
@@ -134,8 +149,9 @@ pub struct Seed {
     pub quarantine_ms: u64,
     /// The nonce of the node state the seeding was decided from.
     pub nonce: String,
-    /// Fence counter keys and the values to raise them to.
-    pub counters: Vec<(String, i64)>,
+    /// The largest fencing number read from the seeded nodes (their high-water marks and
+    /// counters alike): the node's high-water mark and floor are raised to it.
+    pub high: u64,
 }
 
 /// Gives a node without a restart state one: see `init.lua`.
@@ -205,10 +221,12 @@ fn number(n: impl ToString) -> Vec<u8> {
 }
 
 fn with_fence_keys(keys: &[String], fenced: bool) -> Vec<String> {
-    let mut out = Vec::with_capacity(2 * keys.len() + 1);
+    let mut out = Vec::with_capacity(2 * keys.len() + 3);
     out.extend_from_slice(keys);
     if fenced {
         out.extend(keys.iter().map(|k| scripts::fence_key(k)));
+        out.push(scripts::HIGH_KEY.to_owned());
+        out.push(scripts::FLOOR_KEY.to_owned());
     }
     out
 }
@@ -262,12 +280,9 @@ impl Op {
             Op::Release(Release { keys, .. }) | Op::Extend(Extend { keys, .. }) => keys.to_vec(),
             Op::Handoff(op) => with_fence_keys(&op.keys, op.fencing.is_some()),
             Op::Fence(op) => with_fence_keys(&op.keys, true),
-            Op::Seed(op) => {
-                let mut keys = Vec::with_capacity(op.counters.len() + 1);
-                keys.push(scripts::NODE_KEY.to_owned());
-                keys.extend(op.counters.iter().map(|(k, _)| k.clone()));
-                keys
-            }
+            Op::Seed(_) => [scripts::NODE_KEY, scripts::HIGH_KEY, scripts::FLOOR_KEY]
+                .map(str::to_owned)
+                .to_vec(),
             Op::Init(_) | Op::Verify(_) | Op::Genesis(_) => vec![scripts::NODE_KEY.to_owned()],
         }
     }
@@ -280,7 +295,9 @@ impl Op {
                 number(op.ttl_ms),
                 number(op.quarantine_ms),
                 number(u8::from(op.fencing.is_some())),
-                number(op.fencing.unwrap_or(0)),
+                number(op.fencing.map_or(0, |f| f.reserved)),
+                number(op.fencing.map_or(0, |f| f.window_ms)),
+                number(op.fencing.map_or(0, |f| f.hint)),
             ],
             Op::Release(op) => op.values.iter().map(|v| text(v)).collect(),
             Op::Extend(op) => std::iter::once(number(op.ttl_ms))
@@ -290,16 +307,15 @@ impl Op {
                 text(&op.value),
                 number(op.ttl_ms),
                 number(u8::from(op.fencing.is_some())),
-                number(op.fencing.unwrap_or(0)),
+                number(op.fencing.map_or(0, |f| f.reserved)),
+                number(op.fencing.map_or(0, |f| f.window_ms)),
+                number(op.fencing.map_or(0, |f| f.hint)),
             ]
             .into_iter()
             .chain(op.chain.iter().map(|v| text(v)))
             .collect(),
-            Op::Fence(op) => vec![text(&op.value), number(op.last_token)],
-            Op::Seed(op) => [number(op.quarantine_ms), text(&op.nonce)]
-                .into_iter()
-                .chain(op.counters.iter().map(|(_, v)| number(v)))
-                .collect(),
+            Op::Fence(op) => vec![text(&op.value), number(op.last_token), number(op.window_ms)],
+            Op::Seed(op) => vec![number(op.quarantine_ms), text(&op.nonce), number(op.high)],
             Op::Init(op) => vec![text(&op.nonce), number(op.quarantine_ms)],
             Op::Verify(op) => vec![
                 text(&op.run_id),

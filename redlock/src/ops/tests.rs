@@ -41,11 +41,12 @@ fn batch_numbers_follow_the_scripts_order() {
             keys,
             value: "v".into(),
             last_token: 1,
+            window_ms: 1,
         }),
         Op::Seed(Seed {
             quarantine_ms: 1,
             nonce: "n".into(),
-            counters: vec![],
+            high: 0,
         }),
         Op::Init(Init {
             nonce: "n".into(),
@@ -75,7 +76,11 @@ fn every_outcome_reads_back_from_its_wire_form() {
         value: "v".into(),
         ttl_ms: 1,
         quarantine_ms: 1,
-        fencing: Some(3),
+        fencing: Some(Fencing {
+            reserved: 3,
+            window_ms: 9,
+            hint: 5,
+        }),
     });
     for reply in [-2, -1, 0, 1, 7] {
         assert_eq!(acquire.decode(reply).unwrap().wire(), reply);
@@ -83,10 +88,16 @@ fn every_outcome_reads_back_from_its_wire_form() {
     assert!(acquire.decode(-3).is_err());
     assert_eq!(
         acquire.args(),
-        [&b"v"[..], b"1", b"1", b"1", b"3"].map(<[u8]>::to_vec)
+        [&b"v"[..], b"1", b"1", b"1", b"3", b"9", b"5"].map(<[u8]>::to_vec)
     );
     assert_eq!(
         acquire.keys(),
-        ["k", "fencelock:fence:{k}", "fencelock:node"]
+        [
+            "k",
+            "fencelock:fence:{k}",
+            "fencelock:fence:high",
+            "fencelock:fence:floor",
+            "fencelock:node"
+        ]
     );
 }

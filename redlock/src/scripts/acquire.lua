@@ -10,13 +10,16 @@
 -- found by `verify.lua`, which every client runs on every new connection first, and which
 -- puts the node back into this state.
 --
--- With fencing, each resource has a counter; the acquisition's token is one more than the
--- largest counter among its resources, and every counter is set to it plus the tokens
--- reserved with it: the client may hand those to the next holders in its process without
--- a round, and every later acquisition's token is larger than all of them.
+-- With fencing, the acquisition's token is one more than the largest number the node knows
+-- of its resources (see `fence_known` in the prelude), and every counter is set to it plus
+-- the tokens reserved with it, for the fence window: the client may hand those to the next
+-- holders in its process without a round, and every later acquisition's token is larger
+-- than all of them.
 --
 -- KEYS[1..n]      the resource keys (the resource names as given: the interop convention)
 -- KEYS[n+1..2n]   with fencing only: the resources' fence counter keys
+-- KEYS[2n+1]      with fencing only: the node's high-water mark (`fencelock:fence:high`)
+-- KEYS[2n+2]      with fencing only: the node's floor (`fencelock:fence:floor`)
 -- KEYS[#KEYS]     the node key (`fencelock:node`); its `ready` marker is that name with
 --                 `:ready` appended
 -- ARGV[1]         the lock value: 128 random bits, unique to this acquisition
@@ -24,6 +27,9 @@
 -- ARGV[3]         the quarantine in milliseconds, for a node seen empty for the first time
 -- ARGV[4]         1 with fencing, 0 without
 -- ARGV[5]         with fencing: how many tokens after this one to reserve (0 for none)
+-- ARGV[6]         with fencing: the fence window, how long a counter lives, in milliseconds
+-- ARGV[7]         with fencing: the last token this client was given for these resources,
+--                 or 0: the token is larger than it
 --
 -- Returns  >= 1  granted: the fencing token with fencing (the first of the reserved
 --                run), else 1
@@ -34,7 +40,7 @@ local node = KEYS[#KEYS]
 local fenced = ARGV[4] == '1'
 local n = #KEYS - 1
 if fenced then
-  n = n / 2
+  n = (n - 2) / 2
 end
 
 -- The common case first: a node that may vote has a `ready` marker beside its state, so
@@ -78,11 +84,7 @@ else
   end
 end
 local token = 1
-if fenced and n == 1 then
-  -- One counter: INCRBY is the read and the write in one command.
-  local reserved = tonumber(ARGV[5])
-  token = redis.call('INCRBY', KEYS[2], 1 + reserved) - reserved
-elseif fenced then
-  token = next_token(KEYS, n, tonumber(ARGV[5]))
+if fenced then
+  token = next_token(KEYS, n, tonumber(ARGV[5]), ARGV[6], ARGV[7])
 end
 return token

@@ -7,11 +7,16 @@
 --
 -- KEYS[1..n]      the resource keys
 -- KEYS[n+1..2n]   with fencing only: the resources' fence counter keys
+-- KEYS[2n+1]      with fencing only: the node's high-water mark
+-- KEYS[2n+2]      with fencing only: the node's floor
 -- ARGV[1]         the value of this acquisition: 128 random bits, unique to it
 -- ARGV[2]         the TTL in milliseconds
 -- ARGV[3]         1 with fencing, 0 without
 -- ARGV[4]         with fencing: how many tokens after this one to reserve, as in acquire
--- ARGV[5..m]      the values of the hand-off chain so far, all held by this process (a node
+-- ARGV[5]         with fencing: the fence window in milliseconds, as in acquire (else 0)
+-- ARGV[6]         with fencing: the last token this client was given for these resources,
+--                 as in acquire (else 0)
+-- ARGV[7..m]      the values of the hand-off chain so far, all held by this process (a node
 --                 that missed a hand-off still holds an earlier one)
 --
 -- Returns  >= 1  every key held a value of the chain and now holds the new one: the
@@ -20,12 +25,12 @@
 local fenced = ARGV[3] == '1'
 local n = #KEYS
 if fenced then
-  n = n / 2
+  n = (n - 2) / 2
 end
 for i = 1, n do
   local current = redis.call('GET', KEYS[i])
   local ours = false
-  for j = 5, #ARGV do
+  for j = 7, #ARGV do
     if current == ARGV[j] then
       ours = true
       break
@@ -37,7 +42,7 @@ for i = 1, n do
 end
 local token = 1
 if fenced then
-  token = next_token(KEYS, n, tonumber(ARGV[4]))
+  token = next_token(KEYS, n, tonumber(ARGV[4]), ARGV[5], ARGV[6])
 end
 for i = 1, n do
   redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])

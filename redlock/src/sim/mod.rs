@@ -388,9 +388,7 @@ impl SimConn {
 
     pub(crate) async fn fence_counters(&self) -> Vec<(String, i64)> {
         self.node
-            .call(self, |data, _| {
-                data.counters.iter().map(|(k, v)| (k.clone(), *v)).collect()
-            })
+            .call(self, |data, now| data.live_counters(now).collect())
             .await
     }
 

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::switches::{Bug, Planted};
-use crate::ops::{Acquire, Acquired, Genesis, GenesisStep, Init, Op, Outcome, Verify};
+use crate::ops::{Acquire, Acquired, Fencing, Genesis, GenesisStep, Init, Op, Outcome, Verify};
 use crate::scripts;
 
 /// Everything a restart without persistence loses.
@@ -13,7 +13,9 @@ use crate::scripts;
 pub(super) struct Data {
     /// key -> (value, expiry on the node's clock in ms)
     pub(super) locks: HashMap<String, (String, f64)>,
-    pub(super) counters: HashMap<String, i64>,
+    /// Fence counters, the high-water mark and the floor (under their key names): key ->
+    /// (value, expiry on the node's clock in ms, or `None` for none).
+    pub(super) counters: HashMap<String, (i64, Option<f64>)>,
     /// The node state `fencelock:node`, field by field.
     pub(super) vote_after: Option<f64>,
     pub(super) seeded: Option<bool>,
@@ -25,6 +27,21 @@ pub(super) struct Data {
 }
 
 impl Data {
+    /// Every fence counter (and the high-water mark and floor) that has not expired.
+    pub(super) fn live_counters(&self, now: f64) -> impl Iterator<Item = (String, i64)> + '_ {
+        self.counters
+            .iter()
+            .filter(move |(_, (_, expiry))| expiry.is_none_or(|at| at > now))
+            .map(|(k, (v, _))| (k.clone(), *v))
+    }
+
+    fn counter(&self, key: &str, now: f64) -> Option<i64> {
+        self.counters
+            .get(key)
+            .filter(|(_, expiry)| expiry.is_none_or(|at| at > now))
+            .map(|(v, _)| *v)
+    }
+
     pub(super) fn has_state(&self) -> bool {
         self.vote_after.is_some()
             || self.seeded.is_some()
@@ -73,7 +90,7 @@ impl Data {
                 .filter(|(_, (_, expiry))| *expiry > now)
                 .map(|(k, (v, _))| (k.clone(), v.clone()))
                 .collect(),
-            counters: self.counters.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            counters: self.live_counters(now).collect(),
             node,
             quarantined: self.vote_after.map(|at| at - now > 1000.0),
             ready: self.ready,
@@ -120,19 +137,64 @@ pub(super) fn live<'a>(data: &'a Data, key: &str, now: f64) -> Option<&'a str> {
         .map(|(v, _)| v.as_str())
 }
 
-/// The next token: one more than the largest fence counter of `keys`. Every counter is
-/// set to it plus the `reserved` tokens after it.
-fn next_token(data: &mut Data, keys: &[String], reserved: u64) -> u64 {
-    let counters: Vec<String> = keys.iter().map(|k| scripts::fence_key(k)).collect();
-    let token = counters
+/// The largest number the node knows of `keys` (a live counter raised to the floor, else
+/// the high-water mark), and the high-water mark: `fence_known` in `prelude.lua`.
+fn fence_known(data: &Data, keys: &[String], now: f64, planted: Planted) -> (i64, i64) {
+    let high = data.counter(scripts::HIGH_KEY, now).unwrap_or(0);
+    let floor = if planted.contains(Bug::NoFloor) {
+        0
+    } else {
+        data.counter(scripts::FLOOR_KEY, now).unwrap_or(0)
+    };
+    let missing = if planted.contains(Bug::NoHighWater) {
+        0
+    } else {
+        high
+    };
+    let known = keys
         .iter()
-        .map(|k| data.counters.get(k).copied().unwrap_or(0))
+        .map(|k| match data.counter(&scripts::fence_key(k), now) {
+            Some(c) => c.max(floor),
+            None => missing,
+        })
         .max()
-        .unwrap_or(0)
-        + 1;
-    for k in counters {
-        data.counters.insert(k, token + reserved as i64);
+        .unwrap_or(0);
+    (known, high)
+}
+
+/// Sets the counters of `keys` to `value` for the window and raises the high-water mark to
+/// it: `fence_store` in `prelude.lua`.
+fn fence_store(data: &mut Data, keys: &[String], now: f64, value: i64, high: i64, window: u64) {
+    let expiry = now + window as f64;
+    for k in keys {
+        data.counters
+            .insert(scripts::fence_key(k), (value, Some(expiry)));
     }
+    if value > high {
+        data.counters
+            .insert(scripts::HIGH_KEY.to_owned(), (value, None));
+    }
+}
+
+/// The next token: one more than the largest number the node knows of `keys`. Every
+/// counter is set to it plus the reserved tokens after it.
+fn next_token(
+    data: &mut Data,
+    keys: &[String],
+    now: f64,
+    fencing: Fencing,
+    planted: Planted,
+) -> u64 {
+    let (known, high) = fence_known(data, keys, now, planted);
+    let token = known.max(fencing.hint as i64) + 1;
+    fence_store(
+        data,
+        keys,
+        now,
+        token + fencing.reserved as i64,
+        high,
+        fencing.window_ms,
+    );
     token as u64
 }
 
@@ -145,23 +207,31 @@ fn grant(
     keys: &[String],
     value: &str,
     ttl_ms: u64,
-    fencing: Option<u64>,
+    fencing: Option<Fencing>,
+    planted: Planted,
 ) -> u64 {
     let expiry = now + ttl_ms as f64;
     for k in keys {
         data.locks.insert(k.clone(), (value.to_owned(), expiry));
     }
     match fencing {
-        Some(reserved) => next_token(data, keys, reserved),
+        Some(fencing) => next_token(data, keys, now, fencing, planted),
         None => 1,
     }
 }
 
-/// Raises a counter to `to`, as the scripts do: a missing counter reads as 0 and is only
-/// written when `to` is above that.
-fn raise(data: &mut Data, counter: String, to: i64) {
-    if data.counters.get(&counter).copied().unwrap_or(0) < to {
-        data.counters.insert(counter, to);
+/// The model of `seed.lua` once its nonce matched: raises the high-water mark (setting it
+/// even when it stays 0) and the floor to `high`.
+fn seed_high(data: &mut Data, now: f64, high: u64) {
+    let high = data
+        .counter(scripts::HIGH_KEY, now)
+        .unwrap_or(0)
+        .max(high as i64);
+    data.counters
+        .insert(scripts::HIGH_KEY.to_owned(), (high, None));
+    if data.counter(scripts::FLOOR_KEY, now).unwrap_or(0) < high {
+        data.counters
+            .insert(scripts::FLOOR_KEY.to_owned(), (high, None));
     }
 }
 
@@ -174,7 +244,7 @@ fn holds_one_of(data: &Data, key: &str, now: f64, values: &[Arc<str>]) -> bool {
 pub(super) fn run(data: &mut Data, now: f64, op: &Op, planted: Planted) -> i64 {
     let stale_seed = planted.contains(Bug::StaleSeed);
     let outcome = match op {
-        Op::Acquire(op) => Outcome::Acquired(acquire(data, now, op)),
+        Op::Acquire(op) => Outcome::Acquired(acquire(data, now, op, planted)),
         Op::Release(op) => {
             let mut deleted = 0;
             for k in op.keys.iter() {
@@ -208,9 +278,11 @@ pub(super) fn run(data: &mut Data, now: f64, op: &Op, planted: Planted) -> i64 {
                 .keys
                 .iter()
                 .all(|k| holds_one_of(data, k, now, &op.chain));
-            Outcome::HandedOff(
-                ours.then(|| grant(data, now, &op.keys, &op.value, op.ttl_ms, op.fencing)),
-            )
+            Outcome::HandedOff(ours.then(|| {
+                grant(
+                    data, now, &op.keys, &op.value, op.ttl_ms, op.fencing, planted,
+                )
+            }))
         }
         Op::Fence(op) => {
             let ours = op
@@ -218,18 +290,16 @@ pub(super) fn run(data: &mut Data, now: f64, op: &Op, planted: Planted) -> i64 {
                 .iter()
                 .all(|k| live(data, k, now) == Some(&*op.value));
             if ours {
-                for k in op.keys.iter() {
-                    raise(data, scripts::fence_key(k), op.last_token as i64);
-                }
+                let (known, high) = fence_known(data, &op.keys, now, planted);
+                let value = known.max(op.last_token as i64);
+                fence_store(data, &op.keys, now, value, high, op.window_ms);
             }
             Outcome::Fenced(ours)
         }
         Op::Seed(op) => {
             let current = stale_seed || data.nonce.as_deref() == Some(op.nonce.as_str());
             if current {
-                for (k, v) in &op.counters {
-                    raise(data, k.clone(), *v);
-                }
+                seed_high(data, now, op.high);
                 if data.vote_after.is_none() {
                     data.vote_after = Some(now + op.quarantine_ms as f64);
                 }
@@ -244,7 +314,7 @@ pub(super) fn run(data: &mut Data, now: f64, op: &Op, planted: Planted) -> i64 {
     outcome.wire()
 }
 
-fn acquire(data: &mut Data, now: f64, op: &Acquire) -> Acquired {
+fn acquire(data: &mut Data, now: f64, op: &Acquire, planted: Planted) -> Acquired {
     if !data.ready {
         let Some(vote_after) = data.vote_after else {
             data.vote_after = Some(now + op.quarantine_ms as f64);
@@ -264,7 +334,9 @@ fn acquire(data: &mut Data, now: f64, op: &Acquire) -> Acquired {
         return Acquired::Held;
     }
     Acquired::Granted {
-        token: grant(data, now, &op.keys, &op.value, op.ttl_ms, op.fencing),
+        token: grant(
+            data, now, &op.keys, &op.value, op.ttl_ms, op.fencing, planted,
+        ),
     }
 }
 

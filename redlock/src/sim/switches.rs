@@ -35,6 +35,12 @@ pub enum Bug {
     NoDrift,
     /// A node that restarted without its data votes again as soon as it is seeded.
     NoQuarantine,
+    /// The nodes read a resource whose fence counter expired as never locked (0), instead
+    /// of by their high-water mark: the per-resource counters of old, without keeping them.
+    NoHighWater,
+    /// The nodes' floor is ignored: a counter restored from an older copy of a node's data
+    /// counts for what it says, below tokens handed out since, even after the seeding.
+    NoFloor,
     /// The model of `release.lua` deletes a key whatever value it holds: a difference
     /// between the model and the script, for the differential test to find.
     ModelReleaseIgnoresValue,
