@@ -2,8 +2,7 @@
 //! configuration and connection errors with their exit codes, `/metrics` and `/healthz`,
 //! and a clean exit on SIGTERM.
 
-#[path = "../../tests/support/mod.rs"]
-mod support;
+use fencelock_test_support as support;
 
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! locks and acknowledges them; jobs that outlive the shutdown timeout are cancelled and
 //! put back. Nothing is left pending or locked, and no job is lost.
 
-mod support;
+use fencelock_test_support as support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -16,10 +16,10 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 
+use crate::error;
 use crate::handler::{Handler, HandlerError, JobContext};
 use crate::job::Job;
 use crate::ledger::{Begin, Commit, Ledger, LedgerError, Outcome, Writer, now_us};
-use crate::worker::error_chain;
 
 /// A payment job's payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -185,11 +185,11 @@ where
     let ledger = ledger.clone();
     match tokio::task::spawn_blocking(move || f(&ledger)).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) if e.is_retryable() => Err(HandlerError::transient(error_chain(&e))),
+        Ok(Err(e)) if e.is_retryable() => Err(HandlerError::transient(error::chain(&e))),
         Ok(Err(e @ LedgerError::AmountMismatch { .. })) => {
-            Err(HandlerError::permanent(error_chain(&e)))
+            Err(HandlerError::permanent(error::chain(&e)))
         }
-        Ok(Err(e)) => Err(HandlerError::transient(error_chain(&e))),
+        Ok(Err(e)) => Err(HandlerError::transient(error::chain(&e))),
         Err(e) => Err(HandlerError::transient(format!("ledger task failed: {e}"))),
     }
 }

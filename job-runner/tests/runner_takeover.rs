@@ -3,7 +3,7 @@
 //! not acknowledged under the new owner. Settings where a stalled runner's entry could be
 //! reclaimed while its lock is still held are refused.
 
-mod support;
+use fencelock_test_support as support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -3,12 +3,12 @@
 //! and tries to commit, the ledger rejects its stale fencing token; the order is charged
 //! once, by the new holder.
 
-mod support;
+use fencelock_test_support as support;
 
 use std::time::Duration;
 
+use job_runner::handlers::payment::{PaymentHandler, SimulatedGateway};
 use job_runner::ledger::{Ledger, Outcome};
-use job_runner::payment::{PaymentHandler, SimulatedGateway};
 use job_runner::{NewJob, Queue, Registry, Runner};
 use serde_json::json;
 use support::{Cluster, fenced_client, temp_path, wait_until};

@@ -1,7 +1,7 @@
 //! The job queue on a real Redis: at-least-once delivery with ack, reclaim of stalled
 //! entries, retry through the delayed set, and dead letters written before the ack.
 
-mod support;
+use fencelock_test_support as support;
 
 use std::time::Duration;
 

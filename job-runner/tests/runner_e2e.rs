@@ -3,12 +3,12 @@
 //! ends paid, by exactly one accepted charge, and the attempt log shows no two holders of
 //! one order overlapping.
 
-mod support;
+use fencelock_test_support as support;
 
 use std::time::Duration;
 
+use job_runner::handlers::payment::{PaymentHandler, SimulatedGateway};
 use job_runner::ledger::Ledger;
-use job_runner::payment::{PaymentHandler, SimulatedGateway};
 use job_runner::{NewJob, Queue, Registry, Runner};
 use serde_json::json;
 use support::{Cluster, fenced_client, temp_path, wait_until};

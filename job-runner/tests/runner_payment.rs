@@ -2,12 +2,12 @@
 //! another resource's tokens come from another counter), and a duplicate of a paid order's
 //! job is done whatever its token, rather than retried as stale until dead-lettered.
 
-mod support;
+use fencelock_test_support as support;
 
 use std::time::Duration;
 
+use job_runner::handlers::payment::{PaymentHandler, SimulatedGateway};
 use job_runner::ledger::{Ledger, Writer};
-use job_runner::payment::{PaymentHandler, SimulatedGateway};
 use job_runner::{NewJob, Queue, Registry, Runner};
 use serde_json::json;
 use support::{Cluster, fenced_client, temp_path};

@@ -1,12 +1,12 @@
 //! A payment cut short while the gateway call is in flight: the ledger logs the attempt as
 //! cancelled (its charge may or may not have gone through), and writes nothing else.
 
-mod support;
+use fencelock_test_support as support;
 
 use std::time::Duration;
 
+use job_runner::handlers::payment::{PaymentHandler, SimulatedGateway};
 use job_runner::ledger::{Ledger, Outcome};
-use job_runner::payment::{PaymentHandler, SimulatedGateway};
 use job_runner::{NewJob, Queue, Registry, Runner};
 use serde_json::json;
 use support::{Cluster, fenced_client, temp_path, wait_until};

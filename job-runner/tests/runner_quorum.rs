@@ -1,7 +1,7 @@
 //! An unreachable lock quorum: the runner does not dead-letter or spend attempts; it puts
 //! the job back, keeps serving, and runs it once the nodes answer again.
 
-mod support;
+use fencelock_test_support as support;
 
 use std::time::Duration;
 

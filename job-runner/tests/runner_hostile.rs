@@ -3,7 +3,7 @@
 //! hold up the jobs around them; `/healthz` fails when reclaims keep failing; a queue node
 //! that restarted empty or came back with older data is reported, and the runners go on.
 
-mod support;
+use fencelock_test_support as support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -4,7 +4,7 @@
 //! a contended lock requeues without spending an attempt, and a lost lock or a timeout
 //! cancels the handler and retries the job.
 
-mod support;
+use fencelock_test_support as support;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

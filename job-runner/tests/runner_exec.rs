@@ -2,13 +2,13 @@
 //! and stdin, the exit code decides the outcome (0 done, 75 retry, anything else dead),
 //! and a cancelled or finished command leaves nothing of its process group running.
 
-mod support;
+use fencelock_test_support as support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use job_runner::exec::ExecHandler;
+use job_runner::handlers::exec::ExecHandler;
 use job_runner::{NewJob, Queue, Registry, RunReport, Runner};
 use serde_json::json;
 use support::{Cluster, fenced_client, temp_path, wait_until};
