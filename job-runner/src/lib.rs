@@ -53,7 +53,8 @@ pub mod telemetry;
 pub use fencelock;
 pub use handler::{Handler, HandlerError, JobContext, Noop, Registry};
 pub use job::{Job, NewJob};
-pub use queue::{Delivery, Queue, QueueError, QueueStats, Reclaimed};
+pub use queue::stats::QueueStats;
+pub use queue::{Delivery, Queue, QueueError, Reclaimed};
 pub use runner::{ConfigError, MAX_TIMEOUT, RunReport, Runner, RunnerBuilder, RunnerSettings};
 
 #[cfg(test)]

@@ -487,7 +487,9 @@ async fn json_logs_carry_the_job_fields_on_every_job_line() {
         assert_eq!(span["resource"], "r:json", "{line}");
         assert_eq!(span["attempt"], 0, "{line}");
         assert!(
-            span["id"].as_str().is_some_and(|id| id.len() == 32),
+            span["id"]
+                .as_str()
+                .is_some_and(|id| id.len() == 36 && id.as_bytes()[14] == b'7'),
             "{line}"
         );
         assert!(span["token"].as_u64().is_some_and(|t| t >= 1), "{line}");

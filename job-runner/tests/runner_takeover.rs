@@ -180,7 +180,7 @@ async fn a_visibility_timeout_that_does_not_cover_lock_and_grace_is_refused() {
     let refused = build(Some(Duration::from_secs(10)))
         .await
         .expect_err("8 s of visibility cannot cover a 3 s TTL and a 10 s grace");
-    assert_eq!(refused.key, "visibility_timeout", "{refused}");
+    assert_eq!(refused.key, "visibility_timeout_ms", "{refused}");
     assert!(refused.problem.contains("cancel grace"), "{refused}");
     // Unset, the grace is what the visibility timeout leaves (8 - 3 - 1 = 4 s).
     build(None).await.unwrap();

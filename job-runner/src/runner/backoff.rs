@@ -1,21 +1,8 @@
-//! How long a job waits before it runs again, and how long its lock is kept alive.
+//! How long a job waits before it runs again.
 
 use std::time::Duration;
 
-use fencelock::WatchdogConfig;
 use rand::Rng;
-
-/// A watchdog that keeps a lock of `ttl` for up to `hold`: fencelock's default limits
-/// (an hour, 10 000 extensions) would cut a long job's lock short, and the job would then
-/// retry until it is dead-lettered. Extensions come every ttl/3; twice as many again are
-/// allowed for retried extensions.
-pub(crate) fn watchdog_for(hold: Duration, ttl: Duration) -> WatchdogConfig {
-    let period_ms = (ttl.as_millis() / 3).max(1);
-    let extensions = (hold.as_millis() / period_ms).saturating_mul(2) + 3;
-    WatchdogConfig::default()
-        .max_hold(hold)
-        .max_extensions(u32::try_from(extensions).unwrap_or(u32::MAX))
-}
 
 /// The longest a job whose lock keeps being held elsewhere waits before it tries again.
 pub(crate) const MAX_CONTENDED_DELAY: Duration = Duration::from_secs(5);
@@ -58,34 +45,6 @@ mod tests {
     use rand::rngs::SmallRng;
 
     use super::*;
-
-    /// A job may run up to its timeout (at most a week) plus the cancel grace; its lock
-    /// must be extended that long, whatever the TTL.
-    #[test]
-    fn the_watchdog_keeps_the_lock_as_long_as_a_job_may_run() {
-        let week = Duration::from_secs(7 * 24 * 3600);
-        for ttl in [
-            Duration::from_millis(100),
-            Duration::from_secs(10),
-            Duration::from_secs(24 * 3600),
-        ] {
-            let hold = week + Duration::from_secs(10) + ttl;
-            let config = watchdog_for(hold, ttl);
-            let needed = hold.as_millis() / (ttl.as_millis() / 3);
-            let text = format!("{config:?}");
-            assert!(text.contains(&format!("max_hold: {hold:?}")), "{text}");
-            let allowed: u128 = text
-                .split("max_extensions: ")
-                .nth(1)
-                .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
-                .and_then(|n| n.parse().ok())
-                .unwrap();
-            assert!(
-                allowed >= needed,
-                "ttl {ttl:?}: {allowed} < {needed} extensions"
-            );
-        }
-    }
 
     #[test]
     fn contended_requeues_back_off_up_to_a_cap() {

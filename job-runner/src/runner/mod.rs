@@ -17,7 +17,7 @@ use crate::handler::Registry;
 use crate::queue::Queue;
 use crate::telemetry::Health;
 
-pub(crate) mod backoff;
+mod backoff;
 mod builder;
 mod disposition;
 mod fetch;

@@ -3,14 +3,13 @@
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
-use fencelock::{ErrorKind, LockGuard};
+use fencelock::{ErrorKind, LockGuard, WatchdogConfig};
 use futures_util::FutureExt;
 use metrics::{counter, histogram};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::backoff::watchdog_for;
 use super::disposition::{Decision, Facts, Happened, LockOutcome, Stop, disposition};
 use super::report::Finished;
 use super::shared::Shared;
@@ -157,7 +156,7 @@ async fn run_job(
     tracing::Span::current().record("token", token);
 
     let watchdog = guard.auto_extend_with(
-        watchdog_for(s.job_timeout + s.cancel_grace() + s.lock_ttl, s.lock_ttl)
+        WatchdogConfig::holding(s.job_timeout + s.cancel_grace() + s.lock_ttl, s.lock_ttl)
             .cancel_on_loss(false),
     );
     let health = watchdog.health();
@@ -324,4 +323,39 @@ fn taken_over() -> Finished {
         "another runner reclaimed this job's entry while this one stalled; leaving the job to it"
     );
     Finished::TakenOver
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use fencelock::WatchdogConfig;
+
+    /// A job may run up to its timeout (at most a week) plus the cancel grace; its lock
+    /// must be extended that long, whatever the TTL.
+    #[test]
+    fn the_watchdog_keeps_the_lock_as_long_as_a_job_may_run() {
+        let week = Duration::from_secs(7 * 24 * 3600);
+        for ttl in [
+            Duration::from_millis(100),
+            Duration::from_secs(10),
+            Duration::from_secs(24 * 3600),
+        ] {
+            let hold = week + Duration::from_secs(10) + ttl;
+            let config = WatchdogConfig::holding(hold, ttl);
+            let needed = hold.as_millis() / (ttl.as_millis() / 3);
+            let text = format!("{config:?}");
+            assert!(text.contains(&format!("max_hold: {hold:?}")), "{text}");
+            let allowed: u128 = text
+                .split("max_extensions: ")
+                .nth(1)
+                .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse().ok())
+                .unwrap();
+            assert!(
+                allowed >= needed,
+                "ttl {ttl:?}: {allowed} < {needed} extensions"
+            );
+        }
+    }
 }

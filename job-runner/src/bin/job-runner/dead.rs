@@ -1,6 +1,7 @@
 //! `job-runner dead`: list dead letters and put them back.
 
-use job_runner::queue::{DeadRetryError, QueueError};
+use job_runner::queue::QueueError;
+use job_runner::queue::dead::DeadRetryError;
 
 use crate::args::DeadCommand;
 use crate::connect;
