@@ -119,7 +119,11 @@ async fn the_command_gets_the_job_and_its_exit_code_decides() {
     assert_eq!(env["JOB_KIND"], "record");
     assert_eq!(env["JOB_RESOURCE"], "report:1");
     assert_eq!(env["JOB_ATTEMPT"], "0");
-    assert_eq!(env["JOB_ID"].len(), 32, "{env:?}");
+    let id = &env["JOB_ID"];
+    assert!(
+        id.len() == 36 && id.as_bytes()[14] == b'7',
+        "a UUIDv7: {env:?}"
+    );
     assert!(env["FENCING_TOKEN"].parse::<u64>().unwrap() >= 1, "{env:?}");
 
     // 75 (EX_TEMPFAIL) retried it; the second attempt succeeded.

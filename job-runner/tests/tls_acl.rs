@@ -3,7 +3,7 @@
 //! with certificates made here, and the password never in their output.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use fencelock_test_support::temp_path;
@@ -154,18 +154,12 @@ async fn tls_node(certs: &Path, port: u16) -> ContainerAsync<GenericImage> {
 }
 
 fn job_runner(ca: &Path, queue: &str, lock_node: &str) -> Command {
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("JOB_RUNNER_") || k == "REDIS_URL" {
-            cmd.env_remove(k);
-        }
-    }
+    let mut cmd = fencelock_test_support::binary::job_runner(BIN, &[]);
     cmd.env("SSL_CERT_FILE", ca)
         .env("JOB_RUNNER_QUEUE", queue)
         .env("JOB_RUNNER_LOCK_NODES", lock_node)
         .env("JOB_RUNNER_METRICS_ADDR", "off")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null());
+        .env("RUST_LOG", "info");
     cmd
 }
 

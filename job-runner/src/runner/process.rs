@@ -21,6 +21,11 @@ use crate::queue::Delivery;
 use crate::telemetry::names;
 
 /// Runs one delivered entry to its end, with its log line and metrics.
+///
+/// # Cancel safety
+///
+/// Dropping it drops the handler and the job's lock guard, which releases the lock in
+/// the background; the entry stays pending and is reclaimed after the visibility timeout.
 pub(super) async fn process(
     shared: &Shared,
     delivery: Delivery,

@@ -7,6 +7,7 @@
 //! their data.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod binary;
 mod link;
 pub use link::Link;
 

@@ -8,6 +8,7 @@ use crate::connect;
 use crate::exit::Exit;
 use crate::settings::Settings;
 
+/// Lists dead letters, or puts one or all of them back.
 pub(crate) async fn dead(settings: &Settings, cmd: DeadCommand) -> Result<(), Exit> {
     let queue = connect::queue(settings, "cli").await?;
     match cmd {

@@ -7,6 +7,7 @@ use crate::connect;
 use crate::exit::Exit;
 use crate::settings::Settings;
 
+/// Adds `--count` copies of the job and prints their ids.
 pub(crate) async fn enqueue(settings: &Settings, args: EnqueueArgs) -> Result<(), Exit> {
     let payload: serde_json::Value = serde_json::from_str(&args.payload)
         .map_err(|e| Exit::new(1, format!("--payload is not JSON: {e}")))?;

@@ -6,6 +6,7 @@ use crate::connect;
 use crate::exit::Exit;
 use crate::settings::{Settings, redact};
 
+/// Prints the queue's counts and the locks each lock node holds.
 pub(crate) async fn info(settings: &Settings) -> Result<(), Exit> {
     let queue = connect::queue(settings, "cli").await?;
     let st = queue.stats().await.map_err(|e| Exit::failed(&e))?;

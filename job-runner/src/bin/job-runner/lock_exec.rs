@@ -13,6 +13,14 @@ use crate::connect;
 use crate::exit::{EX_CONFIG, EX_UNAVAILABLE, Exit};
 use crate::settings::Settings;
 
+/// `lock exec`: takes the lock (waiting up to `--wait-secs`), then runs the command
+/// under it; returns the command's exit code, or 75 when the lock could not be taken
+/// or was lost.
+///
+/// # Cancel safety
+///
+/// As `run_locked`: a dropped future kills the command and releases the lock in the
+/// background.
 pub(crate) async fn lock_exec(
     settings: &Settings,
     args: LockExecArgs,
@@ -88,6 +96,11 @@ const DEFAULT_LOCK_WAIT_SECS: u64 = 30;
 
 /// Runs `lock exec`'s command under `guard`, kept alive by fencelock's scoped hold (the
 /// one the worker's locks use too), until it exits or the lock is lost or a signal comes.
+///
+/// # Cancel safety
+///
+/// Dropping it kills the command (SIGKILL to its group) and releases the lock in the
+/// background.
 async fn run_locked(
     guard: fencelock::LockGuard,
     args: LockExecArgs,
