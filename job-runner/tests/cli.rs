@@ -339,3 +339,50 @@ async fn json_logs_carry_the_job_fields_on_every_job_line() {
     }
     cluster.teardown().await;
 }
+
+/// A runner of other kinds opens no ledger; a payment job opens it in the state
+/// directory, never in the working directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_is_opened_by_the_first_payment_job_in_the_state_directory() {
+    let cluster = Cluster::start(2).await;
+    let urls = cluster.urls();
+    let home = temp_path("home").with_extension("d");
+    let cwd = home.join("cwd");
+    std::fs::create_dir_all(&cwd).unwrap();
+    let ledger = home.join("state/job-runner/ledger.db");
+    let runner = || {
+        let mut c = job_runner(&urls);
+        c.current_dir(&cwd)
+            .env("HOME", &home)
+            .env("XDG_STATE_HOME", home.join("state"))
+            .env("JOB_RUNNER_QUEUE_NAME", "lazy")
+            .args(["--metrics-addr", "off"]);
+        c
+    };
+    let enqueue = |kind: &str, resource: &str, payload: &str| {
+        let o = run(runner().args([
+            "enqueue",
+            kind,
+            "--resource",
+            resource,
+            "--payload",
+            payload,
+        ]));
+        assert!(o.status.success(), "{}", out(&o));
+    };
+    enqueue("noop", "n:1", "{}");
+    let o = run(runner().args(["run", "--once"]));
+    assert!(o.status.success(), "{}", out(&o));
+    let files = |dir: &std::path::Path| std::fs::read_dir(dir).map_or(0, |d| d.count());
+    assert_eq!(files(&cwd), 0, "nothing in the working directory");
+    assert!(!ledger.exists(), "no payment job, no ledger");
+
+    enqueue("payment", "order:1", r#"{"order_id":1,"amount_cents":100}"#);
+    let o = run(runner().args(["run", "--once"]));
+    assert!(o.status.success(), "{}", out(&o));
+    assert_eq!(files(&cwd), 0, "still nothing in the working directory");
+    let orders = Ledger::open(&ledger).unwrap().orders().unwrap();
+    assert_eq!(orders.len(), 1, "the payment job's ledger: {orders:?}");
+    let _ = std::fs::remove_dir_all(&home);
+    cluster.teardown().await;
+}

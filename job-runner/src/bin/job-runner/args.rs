@@ -26,7 +26,7 @@ Examples:
   job-runner lock exec --resource nightly-report -- ./report.sh
 
   # Prove the payment ledger charged every order exactly once
-  job-runner ledger audit --ledger job-runner-ledger.db
+  job-runner ledger audit --ledger /var/lib/job-runner/ledger.db
 
 Settings come from flags, then JOB_RUNNER_* variables (REDIS_URL for the queue), then the
 TOML file given with --config, then defaults; `job-runner run --print-config` shows them.";

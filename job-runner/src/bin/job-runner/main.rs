@@ -30,6 +30,7 @@ mod exit;
 mod info;
 mod lock_exec;
 mod logs;
+mod payment;
 mod run;
 mod settings;
 mod signals;

@@ -4,14 +4,13 @@ use std::future::Future;
 use std::time::Duration;
 
 use job_runner::handlers::exec::ExecHandler;
-use job_runner::handlers::payment::{PaymentHandler, SimulatedGateway};
-use job_runner::ledger::Ledger;
 use job_runner::telemetry::{self, Health, names};
-use job_runner::{Noop, Queue, Registry, Runner, error};
+use job_runner::{Noop, Queue, Registry, Runner};
 use tokio_util::sync::CancellationToken;
 
 use crate::connect;
 use crate::exit::{EX_UNAVAILABLE, Exit};
+use crate::payment::LazyPayment;
 use crate::settings::Settings;
 
 /// Runs until `shutdown` (or, with `once`, until the queue is drained).
@@ -71,26 +70,8 @@ pub(crate) async fn run(
 
 /// The built-in kinds (`payment`, `noop`) and the configured exec kinds.
 fn handlers(settings: &Settings) -> Result<Registry, Exit> {
-    let ledger = Ledger::open_with(&settings.ledger, settings.ledger_fencing).map_err(|e| {
-        Exit::new(
-            1,
-            format!(
-                "cannot open the ledger {}: {}",
-                settings.ledger.display(),
-                error::chain(&e)
-            ),
-        )
-    })?;
-    if !settings.ledger_fencing {
-        tracing::warn!("the ledger's fencing check is OFF: stale writes will be accepted");
-    }
-    let gateway = SimulatedGateway::new(
-        Duration::ZERO,
-        Duration::from_millis(settings.gateway_latency_ms),
-        settings.gateway_failure_rate,
-    );
     let mut handlers = Registry::new()
-        .with("payment", PaymentHandler::new(ledger, gateway))
+        .with("payment", LazyPayment::new(settings))
         .with("noop", Noop);
     if !settings.exec.is_empty() {
         let mut exec =

@@ -101,9 +101,11 @@ declare::settings! {
     #[arg(global = true, long, env = "JOB_RUNNER_LOG_FORMAT", value_enum)]
     log_format: LogFormat = LogFormat::Text;
 
-    /// The payment ledger's SQLite file (SQLite, WAL; runners on one host may share it)
+    /// The payment ledger's SQLite file (WAL; runners on one host may share it), opened
+    /// by the first payment job [default: $XDG_STATE_HOME/job-runner/ledger.db, or
+    /// ~/.local/state/job-runner/ledger.db]
     #[arg(global = true, long, env = "JOB_RUNNER_LEDGER", value_name = "FILE")]
-    ledger: PathBuf = "job-runner-ledger.db".into();
+    ledger: PathBuf = default_ledger();
 
     /// The ledger's fencing check; `--unsafe-no-fencing` turns it off, to demonstrate
     /// what it prevents. Never in production
@@ -152,6 +154,21 @@ fn unsafe_no_fencing(value: &str) -> Result<bool, String> {
         "1" | "true" | "yes" | "on" | "y" | "t" => Ok(false),
         other => Err(format!("expected true or false, got `{other}`")),
     }
+}
+
+/// The ledger's home: the user's state directory (XDG), never the working directory,
+/// where a runner would scatter ledgers over wherever it was started. Empty when there
+/// is no such directory: then `--ledger` is required for payment jobs.
+fn default_ledger() -> PathBuf {
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|d| !d.is_empty())
+                .map(|home| PathBuf::from(home).join(".local/state"))
+        });
+    state.map_or_else(PathBuf::new, |dir| dir.join("job-runner/ledger.db"))
 }
 
 fn default_consumer() -> String {
