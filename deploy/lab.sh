@@ -29,7 +29,7 @@ fi
 
 build() {
   bash "$root/scripts/redis-image.sh"
-  (cd "$root" && cargo build --release -q -p job-runner)
+  (cd "$root" && cargo build --release -q -p job-runner --features payment-demo)
   docker build -q -f "$root/deploy/Dockerfile.runner" -t job-runner:lab "$root" >/dev/null
   echo "lab: images redis:7.0 and job-runner:lab are ready"
 }

@@ -29,7 +29,7 @@ for port in 7001 7002 7003 7004; do
   done
 done
 
-cargo build -q -p job-runner
+cargo build -q -p job-runner --features payment-demo
 jr=target/debug/job-runner
 export JOB_RUNNER_LOCK_NODES="redis://127.0.0.1:7001,redis://127.0.0.1:7002,redis://127.0.0.1:7003"
 export JOB_RUNNER_QUEUE="redis://127.0.0.1:7004"

@@ -1,7 +1,7 @@
 //! Runner throughput on real nodes, against the raw Redis Streams baseline measured on the
 //! same queue node in the same run.
 //!
-//! Run with `cargo bench -p job-runner --bench runner` (needs Docker and the `redis:7.0`
+//! Run with `cargo bench -p job-runner --features payment-demo --bench runner` (needs Docker and the `redis:7.0`
 //! image from `scripts/redis-image.sh`). It starts 5 lock nodes and a queue node, makes one
 //! untimed warm-up pass, and then for every scenario makes `RUNS` runs, each right after a
 //! baseline run of its own, and prints the medians as a table:
@@ -19,8 +19,7 @@
 //!   drains 100 000 no-op jobs (`BENCH_MEMORY_JOBS`): retired entries are deleted, so it
 //!   should end where it began.
 
-#[path = "../../tests/support/mod.rs"]
-mod support;
+use fencelock_test_support as support;
 
 use std::path::Path;
 use std::process::Stdio;

@@ -4,9 +4,9 @@
 //! the queue, that every order was charged exactly once and no job was lost.
 //!
 //! ```sh
-//! cargo run --release -p job-runner --example chaos                      # 5 000 jobs, 500 orders
-//! cargo run --release -p job-runner --example chaos -- --seed 42         # replay a schedule
-//! cargo run --release -p job-runner --example chaos -- --no-fencing      # what the fence prevents
+//! cargo run --release -p job-runner --features payment-demo --example chaos                      # 5 000 jobs, 500 orders
+//! cargo run --release -p job-runner --features payment-demo --example chaos -- --seed 42         # replay a schedule
+//! cargo run --release -p job-runner --features payment-demo --example chaos -- --no-fencing      # what the fence prevents
 //! ```
 //!
 //! Faults, each at least once: stop and start a lock node, pause and unpause one, restart

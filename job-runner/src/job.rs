@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 /// A job as it travels through the queue.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
-    /// Unique id, assigned at enqueue: 128 random bits, hex.
+    /// Unique id, assigned at enqueue: a UUIDv7, so that ids sort by enqueue time.
     pub id: String,
     /// Which handler runs it, e.g. `payment`.
     pub kind: String,

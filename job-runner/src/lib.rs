@@ -4,8 +4,14 @@
 //! fetches them and runs each one's [`Handler`] under a quorum lock on the job's resource,
 //! kept alive by auto-extension, with the lock's fencing token in hand. For any one
 //! resource at most one handler runs at a time, and a handler that lost its lock cannot
-//! commit: the protected resource (the payment [`ledger`], in the built-in example)
-//! rejects its stale token.
+//! commit: the protected resource (the payment ledger, in the built-in example behind
+//! the `payment-demo` feature) rejects its stale token.
+//!
+//! Layers, each importing only those below it: [`job`] and [`handler`] (what a job is and
+//! what runs it); [`queue`] (the stream, delayed set and dead letters); the runner (its
+//! settings and builder, the fetch loop, per-job supervision, and `disposition`, the one
+//! place that decides what becomes of a job); [`handlers`] (`exec`, and `payment` with the
+//! feature). [`telemetry`] and [`error`] are leaves.
 //!
 //! ```no_run
 //! use job_runner::{Handler, HandlerError, Job, JobContext, Queue, Registry, Runner};
@@ -34,22 +40,22 @@
 //! # Ok(()) }
 //! ```
 
-pub mod cli;
-pub mod config;
-pub mod exec;
+pub mod error;
 pub mod handler;
+pub mod handlers;
 pub mod job;
+#[cfg(feature = "payment-demo")]
 pub mod ledger;
-pub mod payment;
 pub mod queue;
+mod runner;
 pub mod telemetry;
-pub mod worker;
 
 pub use fencelock;
 pub use handler::{Handler, HandlerError, JobContext, Noop, Registry};
 pub use job::{Job, NewJob};
-pub use queue::{Delivery, Queue, QueueError, QueueStats, Reclaimed};
-pub use worker::{RunReport, Runner, RunnerBuilder};
+pub use queue::stats::QueueStats;
+pub use queue::{Delivery, Queue, QueueError, Reclaimed};
+pub use runner::{ConfigError, MAX_TIMEOUT, RunReport, Runner, RunnerBuilder, RunnerSettings};
 
 #[cfg(test)]
 mod send_sync {
@@ -59,7 +65,6 @@ mod send_sync {
     fn shared_types_are_send_sync() {
         is_send_sync::<crate::Runner>();
         is_send_sync::<crate::Queue>();
-        is_send_sync::<crate::ledger::Ledger>();
         is_send_sync::<crate::Registry>();
         is_send_sync::<crate::JobContext>();
         is_send_sync::<crate::telemetry::Health>();

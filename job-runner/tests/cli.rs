@@ -1,14 +1,13 @@
-//! The `job-runner` binary: each subcommand against real Redis, config precedence,
-//! configuration and connection errors with their exit codes, `/metrics` and `/healthz`,
-//! and a clean exit on SIGTERM.
+//! The `job-runner` binary: each subcommand against real Redis, `/metrics` and
+//! `/healthz`, JSON logs, and a clean exit on SIGTERM. Without Redis: `cli_config`.
 
-#[path = "../../tests/support/mod.rs"]
-mod support;
+use fencelock_test_support as support;
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use job_runner::ledger::Ledger;
+use support::binary::out;
 use support::{Cluster, temp_path, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -16,154 +15,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_job-runner");
 
 /// The binary with a clean environment of `JOB_RUNNER_*` settings.
 fn job_runner(cluster_urls: &[String]) -> Command {
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("JOB_RUNNER_") || k == "REDIS_URL" {
-            cmd.env_remove(k);
-        }
-    }
-    if !cluster_urls.is_empty() {
-        cmd.env(
-            "JOB_RUNNER_LOCK_NODES",
-            cluster_urls[..cluster_urls.len() - 1].join(","),
-        )
-        .env("JOB_RUNNER_QUEUE", &cluster_urls[cluster_urls.len() - 1]);
-    }
-    cmd.env("RUST_LOG", "warn").stdin(Stdio::null());
-    cmd
-}
-
-fn out(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    support::binary::job_runner(BIN, cluster_urls)
 }
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("run job-runner")
-}
-
-#[test]
-fn config_precedence_is_flags_then_env_then_file() {
-    let file = temp_path("cfg").with_extension("toml");
-    std::fs::write(
-        &file,
-        "concurrency = 2\nqueue_name = \"from-file\"\nmax_attempts = 7\nlock_nodes = [\"redis://127.0.0.1:7001\"]\n",
-    )
-    .unwrap();
-    let shown = |cmd: &mut Command| {
-        let o = run(cmd);
-        assert!(o.status.success(), "{}", out(&o));
-        String::from_utf8(o.stdout).unwrap()
-    };
-    let base = || {
-        let mut c = job_runner(&[]);
-        c.args(["run", "--print-config", "--config"]).arg(&file);
-        c
-    };
-    let from_file = shown(&mut base());
-    assert!(from_file.contains("concurrency = 2\n"), "{from_file}");
-    assert!(from_file.contains("queue_name = \"from-file\"\n"));
-    assert!(from_file.contains("max_attempts = 7\n"));
-    let from_env = shown(
-        base()
-            .env("JOB_RUNNER_CONCURRENCY", "3")
-            .env("REDIS_URL", "redis://env-queue:6379"),
-    );
-    assert!(from_env.contains("concurrency = 3\n"), "{from_env}");
-    assert!(
-        from_env.contains("queue = \"redis://env-queue:6379\"\n"),
-        "{from_env}"
-    );
-    let from_flag = shown(
-        base()
-            .args(["-c", "4", "--queue", "redis://flag-queue:6379"])
-            .env("JOB_RUNNER_CONCURRENCY", "3")
-            .env("JOB_RUNNER_QUEUE", "redis://env-queue:6379"),
-    );
-    assert!(from_flag.contains("concurrency = 4\n"), "{from_flag}");
-    assert!(
-        from_flag.contains("queue = \"redis://flag-queue:6379\"\n"),
-        "{from_flag}"
-    );
-    // JOB_RUNNER_QUEUE beats REDIS_URL.
-    let both = shown(
-        base()
-            .env("JOB_RUNNER_QUEUE", "redis://a:1")
-            .env("REDIS_URL", "redis://b:1"),
-    );
-    assert!(both.contains("queue = \"redis://a:1\"\n"), "{both}");
-    // Passwords are not printed.
-    let secret = shown(base().args(["--queue", "redis://u:hunter2@q:1"]));
-    assert!(
-        !secret.contains("hunter2") && secret.contains("redis://u:***@q:1"),
-        "{secret}"
-    );
-    let _ = std::fs::remove_file(&file);
-}
-
-#[test]
-fn bad_config_fails_before_work_with_the_key_named() {
-    let file = temp_path("bad").with_extension("toml");
-    std::fs::write(&file, "concurency = 3\n").unwrap();
-    let o = run(job_runner(&[]).args(["run", "--config"]).arg(&file));
-    assert_eq!(o.status.code(), Some(78), "{}", out(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("concurency"),
-        "{}",
-        out(&o)
-    );
-
-    let o = run(job_runner(&[]).args([
-        "run",
-        "--lock-nodes",
-        "redis://127.0.0.1:1",
-        "--lock-ttl-ms",
-        "50000",
-    ]));
-    assert_eq!(o.status.code(), Some(78), "{}", out(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("`visibility_timeout_ms`"),
-        "{}",
-        out(&o)
-    );
-
-    let o = run(job_runner(&[]).args(["run"]));
-    assert_eq!(o.status.code(), Some(78), "{}", out(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("`lock_nodes`"),
-        "{}",
-        out(&o)
-    );
-
-    let o = run(job_runner(&[]).args(["run", "--lock-nodes", "http://nope"]));
-    assert_eq!(o.status.code(), Some(78), "{}", out(&o));
-
-    let o = run(job_runner(&[]).args(["run", "-c", "many"]));
-    assert_ne!(o.status.code(), Some(0), "{}", out(&o));
-    let _ = std::fs::remove_file(&file);
-}
-
-#[test]
-fn an_unreachable_queue_at_startup_exits_69() {
-    let o = run(job_runner(&[]).args([
-        "run",
-        "--lock-nodes",
-        "redis://127.0.0.1:1",
-        "--queue",
-        "redis://127.0.0.1:1",
-        "--metrics-addr",
-        "off",
-    ]));
-    assert_eq!(o.status.code(), Some(69), "{}", out(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("cannot reach the queue"),
-        "{}",
-        out(&o)
-    );
 }
 
 async fn http_get(port: u16, path: &str) -> (u16, String) {
@@ -439,22 +295,6 @@ async fn dead_retry_all_pages_past_entries_that_are_not_jobs() {
     cluster.teardown().await;
 }
 
-#[test]
-fn help_shows_examples_for_each_subcommand() {
-    let o = run(job_runner(&[]).arg("--help"));
-    assert!(o.status.success(), "{}", out(&o));
-    let help = String::from_utf8_lossy(&o.stdout);
-    for example in [
-        "job-runner run",
-        "job-runner enqueue payment",
-        "job-runner info",
-        "job-runner dead retry",
-        "job-runner lock exec",
-    ] {
-        assert!(help.contains(example), "--help lacks `{example}`:\n{help}");
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_the_job_fields_on_every_job_line() {
     let cluster = Cluster::start(2).await;
@@ -488,12 +328,61 @@ async fn json_logs_carry_the_job_fields_on_every_job_line() {
         assert_eq!(span["resource"], "r:json", "{line}");
         assert_eq!(span["attempt"], 0, "{line}");
         assert!(
-            span["id"].as_str().is_some_and(|id| id.len() == 32),
+            span["id"]
+                .as_str()
+                .is_some_and(|id| id.len() == 36 && id.as_bytes()[14] == b'7'),
             "{line}"
         );
         assert!(span["token"].as_u64().is_some_and(|t| t >= 1), "{line}");
         assert_eq!(line["outcome"], "done", "{line}");
         assert!(line["duration_ms"].as_f64().is_some(), "{line}");
     }
+    cluster.teardown().await;
+}
+
+/// A runner of other kinds opens no ledger; a payment job opens it in the state
+/// directory, never in the working directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_is_opened_by_the_first_payment_job_in_the_state_directory() {
+    let cluster = Cluster::start(2).await;
+    let urls = cluster.urls();
+    let home = temp_path("home").with_extension("d");
+    let cwd = home.join("cwd");
+    std::fs::create_dir_all(&cwd).unwrap();
+    let ledger = home.join("state/job-runner/ledger.db");
+    let runner = || {
+        let mut c = job_runner(&urls);
+        c.current_dir(&cwd)
+            .env("HOME", &home)
+            .env("XDG_STATE_HOME", home.join("state"))
+            .env("JOB_RUNNER_QUEUE_NAME", "lazy")
+            .args(["--metrics-addr", "off"]);
+        c
+    };
+    let enqueue = |kind: &str, resource: &str, payload: &str| {
+        let o = run(runner().args([
+            "enqueue",
+            kind,
+            "--resource",
+            resource,
+            "--payload",
+            payload,
+        ]));
+        assert!(o.status.success(), "{}", out(&o));
+    };
+    enqueue("noop", "n:1", "{}");
+    let o = run(runner().args(["run", "--once"]));
+    assert!(o.status.success(), "{}", out(&o));
+    let files = |dir: &std::path::Path| std::fs::read_dir(dir).map_or(0, |d| d.count());
+    assert_eq!(files(&cwd), 0, "nothing in the working directory");
+    assert!(!ledger.exists(), "no payment job, no ledger");
+
+    enqueue("payment", "order:1", r#"{"order_id":1,"amount_cents":100}"#);
+    let o = run(runner().args(["run", "--once"]));
+    assert!(o.status.success(), "{}", out(&o));
+    assert_eq!(files(&cwd), 0, "still nothing in the working directory");
+    let orders = Ledger::open(&ledger).unwrap().orders().unwrap();
+    assert_eq!(orders.len(), 1, "the payment job's ledger: {orders:?}");
+    let _ = std::fs::remove_dir_all(&home);
     cluster.teardown().await;
 }

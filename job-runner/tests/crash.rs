@@ -2,8 +2,7 @@
 //! locks expire by TTL, another runner reclaims its entries after the visibility timeout,
 //! and every order is paid exactly once.
 
-#[path = "../../tests/support/mod.rs"]
-mod support;
+use fencelock_test_support as support;
 
 use std::process::Stdio;
 use std::time::Duration;

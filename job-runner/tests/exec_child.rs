@@ -2,8 +2,7 @@
 //! whole process group) down with it, the supervisor passes the command's exit on, and a
 //! command gets only the job's variables and the allow-listed ones of the runner's.
 
-#[path = "../../tests/support/mod.rs"]
-mod support;
+use fencelock_test_support as support;
 
 use std::path::Path;
 use std::process::Stdio;

@@ -1,8 +1,7 @@
 //! `job-runner lock exec`: a distributed flock. Concurrent invocations on one resource
 //! never overlap, the child sees its fencing token, and its exit code is passed on.
 
-#[path = "../../tests/support/mod.rs"]
-mod support;
+use fencelock_test_support as support;
 
 use std::process::Stdio;
 use std::time::Duration;

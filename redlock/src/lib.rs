@@ -92,6 +92,18 @@ pub use scoped::ScopedError;
 pub use shared::MAX_TTL;
 pub use watchdog::{AutoExtend, LockHealth, LockState, WatchdogConfig};
 
+/// Whether `key`, as found on a lock node, is fencelock's own bookkeeping (fence
+/// counters, the node's restart state) rather than a lock: for tools that list or count
+/// what a node holds without knowing fencelock's key names.
+///
+/// ```
+/// assert!(fencelock::is_internal_key(b"fencelock:node"));
+/// assert!(!fencelock::is_internal_key(b"order:42"));
+/// ```
+pub fn is_internal_key(key: &[u8]) -> bool {
+    key.starts_with(scripts::RESERVED_PREFIX.as_bytes())
+}
+
 #[cfg(test)]
 mod send_sync {
     fn is_send<T: Send>() {}

@@ -10,6 +10,7 @@ use futures_util::future::{Either, select};
 
 use crate::client::Redlock;
 use crate::error::{Error, ErrorKind, LostReason};
+use crate::guard::LockGuard;
 use crate::watchdog::{LockHealth, LockState, WatchdogConfig};
 
 /// What [`Redlock::using`] returns on failure.
@@ -104,6 +105,34 @@ impl Redlock {
             .lock_many(resources, ttl)
             .await
             .map_err(ScopedError::Acquire)?;
+        guard.hold_while(config, work).await
+    }
+}
+
+impl LockGuard {
+    /// Runs `work` under this lock, kept alive by a watchdog with `config`, then releases
+    /// it: the second half of [`Redlock::using_with`], for a lock taken another way (with
+    /// a retry policy of the caller's, say). Results as for `using_with`.
+    ///
+    /// # Errors
+    ///
+    /// [`ScopedError::Work`] for the work's own error, [`ScopedError::Lost`] when the
+    /// lock was lost.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the work's future is dropped with it and the lock is
+    /// released in the background.
+    pub async fn hold_while<F, Fut, T, E>(
+        self,
+        config: WatchdogConfig,
+        work: F,
+    ) -> Result<T, ScopedError<E>>
+    where
+        F: FnOnce(LockHealth) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let guard = self;
         let watched = guard.auto_extend_with(config);
         let health = watched.health();
         let outcome = {

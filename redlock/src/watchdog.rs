@@ -148,6 +148,18 @@ impl WatchdogConfig {
         self
     }
 
+    /// Limits that keep a lock of `ttl` for up to `hold`: that as the hold limit, and
+    /// extensions enough for it (one per ttl/3, twice as many again for retried ones).
+    /// The defaults (an hour, 10 000 extensions) would cut a longer or a short-TTL hold
+    /// short.
+    pub fn holding(hold: Duration, ttl: Duration) -> Self {
+        let period_ms = (ttl.as_millis() / 3).max(1);
+        let extensions = (hold.as_millis() / period_ms).saturating_mul(2) + 3;
+        WatchdogConfig::default()
+            .max_hold(hold)
+            .max_extensions(u32::try_from(extensions).unwrap_or(u32::MAX))
+    }
+
     /// Whether [`Redlock::using`](crate::Redlock::using) drops the work's future when the lock is lost (default
     /// true). When false, the work runs to its end and must watch [`LockHealth`] itself.
     pub fn cancel_on_loss(mut self, cancel: bool) -> Self {
