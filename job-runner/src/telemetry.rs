@@ -53,6 +53,26 @@ pub mod names {
     pub const DEAD_DROPPED: &str = "job_runner_dead_letters_dropped_total";
     /// Gauge: jobs running in this process.
     pub const IN_FLIGHT: &str = "job_runner_jobs_in_flight";
+    /// Gauge, by `node` (`host:port`): 1 while the lock node is up, 0 while it is marked
+    /// down (its calls fail at once until a probe reaches it).
+    pub const LOCK_NODE_UP: &str = "job_runner_lock_node_up";
+    /// Counter, by `node`: times the lock node was marked down since the process started.
+    pub const LOCK_NODE_MARKED_DOWN: &str = "job_runner_lock_node_marked_down_total";
+    /// Counter, by `node`: times the lock node was marked up again.
+    pub const LOCK_NODE_MARKED_UP: &str = "job_runner_lock_node_marked_up_total";
+}
+
+/// Sets the lock-node health series from `locks`: one `up` gauge and two transition
+/// counters per node, labelled with its address (never its password).
+pub fn record_lock_nodes(locks: &fencelock::Redlock) {
+    for node in locks.node_health() {
+        let label = node.node.clone();
+        metrics::gauge!(names::LOCK_NODE_UP, "node" => label.clone())
+            .set(f64::from(u8::from(node.up)));
+        metrics::counter!(names::LOCK_NODE_MARKED_DOWN, "node" => label.clone())
+            .absolute(node.marked_down);
+        metrics::counter!(names::LOCK_NODE_MARKED_UP, "node" => label).absolute(node.marked_up);
+    }
 }
 
 /// Installs the process-wide Prometheus recorder (once; later calls return the same

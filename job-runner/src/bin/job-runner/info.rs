@@ -1,4 +1,5 @@
-//! `job-runner info`: the queue's counts, and the locks each lock node holds.
+//! `job-runner info`: the queue's counts, and each lock node's health and the locks it
+//! holds.
 
 use std::time::Duration;
 
@@ -21,11 +22,10 @@ pub(crate) async fn info(settings: &Settings) -> Result<(), Exit> {
     say!("dead      {}", st.dead);
     say!("consumers {}", st.consumers);
     for node in &settings.lock_nodes {
-        let held = match locks_held(node).await {
-            Ok(n) => n.to_string(),
-            Err(e) => format!("unreachable ({e})"),
-        };
-        say!("locks held on {}: {held}", redact(node));
+        match locks_held(node).await {
+            Ok(n) => say!("lock node {}: up, {n} locks held", redact(node)),
+            Err(e) => say!("lock node {}: down ({e})", redact(node)),
+        }
     }
     Ok(())
 }

@@ -35,6 +35,7 @@ pub(crate) async fn run(
     let health = Health::new(Duration::from_secs(15));
     let mut runner_settings = settings.runner();
     runner_settings.once = once;
+    let lock_nodes = locks.clone();
     let runner = Runner::builder(queue, locks, handlers)
         .settings(runner_settings)
         .health(health.clone())
@@ -58,7 +59,7 @@ pub(crate) async fn run(
         }
         None => None,
     };
-    let gauges = tokio::spawn(report_queue_gauges(runner.queue().clone()));
+    let gauges = tokio::spawn(report_gauges(runner.queue().clone(), lock_nodes));
     runner.run(shutdown).await;
     gauges.abort();
     stop_http.cancel();
@@ -88,14 +89,19 @@ fn handlers(settings: &Settings) -> Result<Registry, Exit> {
     Ok(handlers)
 }
 
-async fn report_queue_gauges(queue: Queue) {
-    loop {
-        if let Ok(st) = queue.stats().await {
+/// The gauges read from outside the runner: the lock nodes' health every second (it is
+/// in memory), the queue's counts every fifth (they cost a few commands).
+async fn report_gauges(queue: Queue, locks: fencelock::Redlock) {
+    for turn in 0u64.. {
+        telemetry::record_lock_nodes(&locks);
+        if turn % 5 == 0
+            && let Ok(st) = queue.stats().await
+        {
             metrics::gauge!(names::QUEUE_DEPTH).set(st.depth as f64);
             metrics::gauge!(names::QUEUE_PENDING).set(st.pending as f64);
             metrics::gauge!(names::QUEUE_DELAYED).set(st.delayed as f64);
             metrics::gauge!(names::QUEUE_DEAD).set(st.dead as f64);
         }
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
