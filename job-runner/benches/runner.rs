@@ -14,6 +14,8 @@
 //!   processes at `-c 64` (and one at `-c 128`), started and idle before the jobs are enqueued; timed from the
 //!   first `XADD` to an empty queue with nothing pending. Payment jobs pay 2 000 orders in a SQLite ledger, two jobs per
 //!   order.
+//! - **one lock node down**: the noop row at `-c 64` with the fifth lock node a closed
+//!   port, set against the all-up row run by run (`BENCH_ONLY=noop:1:64,noop:1:64:down`).
 //! - **peak RSS** of one runner process with 64 payment jobs in flight.
 //! - **queue memory**: the queue node's `used_memory` before and after one runner (`-c 64`)
 //!   drains 100 000 no-op jobs (`BENCH_MEMORY_JOBS`): retired entries are deleted, so it
@@ -42,9 +44,17 @@ struct Row {
     kind: &'static str,
     processes: usize,
     concurrency: usize,
+    /// Lock nodes replaced by a closed port (of 5).
+    down: usize,
     rates: Vec<f64>,
     /// Each run's rate over the baseline measured just before it.
     ratios: Vec<f64>,
+}
+
+/// A port at which nothing listens: bound and let go at once.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    listener.local_addr().expect("its address").port()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -121,13 +131,18 @@ async fn baseline(queue_url: &str) -> f64 {
 
 fn runner(
     urls: &[String],
+    down: usize,
     ledger: &Path,
     name: &str,
     concurrency: usize,
     extra: &[&str],
 ) -> tokio::process::Command {
+    let mut nodes = urls[..5].to_vec();
+    for node in nodes.iter_mut().rev().take(down) {
+        *node = format!("redis://127.0.0.1:{}", closed_port());
+    }
     let mut cmd = tokio::process::Command::new(BIN);
-    cmd.env("JOB_RUNNER_LOCK_NODES", urls[..5].join(","))
+    cmd.env("JOB_RUNNER_LOCK_NODES", nodes.join(","))
         .env("JOB_RUNNER_QUEUE", &urls[5])
         .env("RUST_LOG", "error")
         .args([
@@ -149,13 +164,19 @@ fn runner(
 
 /// `processes` runners, started and idle, drain `jobs_per_run()` jobs of `kind` enqueued at once:
 /// jobs per second from the first `XADD` to the queue being empty with nothing pending.
-async fn full_path(urls: &[String], kind: &str, processes: usize, concurrency: usize) -> f64 {
+async fn full_path(
+    urls: &[String],
+    kind: &str,
+    processes: usize,
+    concurrency: usize,
+    down: usize,
+) -> f64 {
     flush(&urls[5]).await;
     let ledger = temp_path("bench-ledger");
     let queue = Queue::connect(&urls[5], "jobs", "bench").await.unwrap();
     let mut children: Vec<_> = (0..processes)
         .map(|i| {
-            runner(urls, &ledger, &format!("bench-{i}"), concurrency, &[])
+            runner(urls, down, &ledger, &format!("bench-{i}"), concurrency, &[])
                 .spawn()
                 .unwrap()
         })
@@ -178,7 +199,7 @@ async fn full_path(urls: &[String], kind: &str, processes: usize, concurrency: u
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let rate = jobs_per_run() as f64 / started.elapsed().as_secs_f64();
-    eprintln!("{kind} x{processes} -c {concurrency}: {rate:.0} jobs/s");
+    eprintln!("{kind} x{processes} -c {concurrency}, {down} lock nodes down: {rate:.0} jobs/s");
     for child in &children {
         let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
@@ -224,7 +245,9 @@ async fn queue_memory(urls: &[String], n: usize) -> (f64, f64) {
     flush(&urls[5]).await;
     let ledger = temp_path("bench-ledger");
     let queue = Queue::connect(&urls[5], "jobs", "bench").await.unwrap();
-    let mut child = runner(urls, &ledger, "bench-mem", 64, &[]).spawn().unwrap();
+    let mut child = runner(urls, 0, &ledger, "bench-mem", 64, &[])
+        .spawn()
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let before = used_memory(&urls[5]).await;
     fill(&queue, "noop", n).await;
@@ -255,6 +278,7 @@ async fn peak_rss(urls: &[String]) -> f64 {
     fill(&queue, "payment", 640).await;
     let mut child = runner(
         urls,
+        0,
         &ledger,
         "rss",
         64,
@@ -293,18 +317,22 @@ async fn main() {
     let urls = cluster.urls();
     // (kind, processes, jobs each runs at once): the baseline runs 64 at once too; a
     // locked job takes longer, so more of them in flight keep the nodes as busy.
+    // The last row is the first with one lock node a closed port: what a dead minority
+    // costs (target: at least 0.8x of the first row, run by run).
     let mut rows: Vec<Row> = [
-        ("noop", 1, 64),
-        ("noop", 1, 128),
-        ("noop", 3, 64),
-        ("payment", 1, 64),
-        ("payment", 3, 64),
+        ("noop", 1, 64, 0),
+        ("noop", 1, 128, 0),
+        ("noop", 3, 64, 0),
+        ("payment", 1, 64, 0),
+        ("payment", 3, 64, 0),
+        ("noop", 1, 64, 1),
     ]
     .into_iter()
-    .map(|(kind, processes, concurrency)| Row {
+    .map(|(kind, processes, concurrency, down)| Row {
         kind,
         processes,
         concurrency,
+        down,
         rates: Vec::new(),
         ratios: Vec::new(),
     })
@@ -312,15 +340,18 @@ async fn main() {
     // `BENCH_ONLY=noop:1:64,rss` limits the scenarios, e.g. for profiling one of them.
     if let Ok(only) = std::env::var("BENCH_ONLY") {
         rows.retain(|r| {
-            only.split(',')
-                .any(|o| o.trim() == format!("{}:{}:{}", r.kind, r.processes, r.concurrency))
+            only.split(',').any(|o| {
+                o.trim() == format!("{}:{}:{}", r.kind, r.processes, r.concurrency)
+                    || o.trim() == format!("{}:{}:{}:down", r.kind, r.processes, r.concurrency)
+                        && r.down > 0
+            })
         });
     }
     // One untimed pass first: the first runs after the containers start are slower for
     // the baseline and the runner alike, and would only widen the spread.
     eprintln!("warm-up");
     baseline(&urls[5]).await;
-    full_path(&urls, "noop", 1, 64).await;
+    full_path(&urls, "noop", 1, 64, 0).await;
     // The machine's speed drifts from minute to minute (the baseline alone moves by a
     // third), so each measurement is paired with a baseline taken just before it, and a
     // row's ratio is the median of its runs' ratios.
@@ -329,7 +360,7 @@ async fn main() {
         eprintln!("run {run}/{RUNS}");
         for row in rows.iter_mut() {
             let b = baseline(&urls[5]).await;
-            let rate = full_path(&urls, row.kind, row.processes, row.concurrency).await;
+            let rate = full_path(&urls, row.kind, row.processes, row.concurrency, row.down).await;
             base.push(b);
             row.rates.push(rate);
             row.ratios.push(rate / b);
@@ -352,21 +383,36 @@ async fn main() {
         jobs_per_run()
     );
     println!(
-        "| path | processes | jobs at once per process | jobs/s | × raw Streams baseline (median of paired runs) |"
+        "| path | processes | jobs at once per process | lock nodes down | jobs/s | × raw Streams baseline (median of paired runs) | × all up (same runs) |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     if !base.is_empty() {
         let base = median(base);
-        println!("| raw XREADGROUP + XACK, no lock | 1 | 64 | {base:.0} | 1.00 |");
+        println!("| raw XREADGROUP + XACK, no lock | 1 | 64 | - | {base:.0} | 1.00 | |");
     }
-    for row in rows {
+    for row in &rows {
+        // The same path with every lock node up, run by run.
+        let versus = rows
+            .iter()
+            .find(|r| {
+                r.down == 0
+                    && (r.kind, r.processes, r.concurrency)
+                        == (row.kind, row.processes, row.concurrency)
+            })
+            .filter(|_| row.down > 0)
+            .map(|up| {
+                let ratios = row.rates.iter().zip(&up.rates).map(|(d, u)| d / u);
+                format!("{:.2} (>= 0.8)", median(ratios.collect()))
+            })
+            .unwrap_or_default();
         println!(
-            "| {} | {} | {} | {:.0} | {:.2} |",
+            "| {} | {} | {} | {} | {:.0} | {:.2} | {versus} |",
             row.kind,
             row.processes,
             row.concurrency,
-            median(row.rates),
-            median(row.ratios)
+            row.down,
+            median(row.rates.clone()),
+            median(row.ratios.clone())
         );
     }
     if let Some(rss) = rss {
