@@ -10,6 +10,7 @@ use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 use tokio::sync::{mpsc, oneshot};
 
+use super::health::Probe;
 use super::link::{Link, broken, load_scripts};
 use crate::error::NodeFailure;
 use crate::ops::{Op, Outcome, Release, Vote};
@@ -330,5 +331,41 @@ fn integer(value: Value) -> Result<i64, RedisError> {
             "a lock script returned something else than an integer",
             format!("{other:?}"),
         ))),
+    }
+}
+
+/// The driver queue's side of a probe: a `PING` through the node's own driver, so that it
+/// waits behind whatever the node has not answered yet, and reconnects if it must.
+#[derive(Clone)]
+pub(super) struct DriverProbe {
+    pub(super) ops: mpsc::WeakUnboundedSender<Queued>,
+    /// The driver's backlog count, which every queued call adds to.
+    pub(super) backlog: Arc<AtomicUsize>,
+}
+
+impl Probe for DriverProbe {
+    async fn ping(&self) -> Result<(), RedisError> {
+        let Some(ops) = self.ops.upgrade() else {
+            return Err(driver_gone());
+        };
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let queued = Queued {
+            call: Call::Command(redis::cmd("PING")),
+            reply,
+            late: None,
+        };
+        self.backlog.fetch_add(1, Ordering::Relaxed);
+        if ops.send(queued).is_err() {
+            self.backlog.fetch_sub(1, Ordering::Relaxed);
+            return Err(driver_gone());
+        }
+        drop(ops);
+        rx.await.unwrap_or_else(|_| Err(driver_gone())).map(drop)
+    }
+
+    fn alive(&self) -> bool {
+        // The node's handles hold the only strong senders; the driver itself holds a weak
+        // one.
+        self.ops.strong_count() > 0
     }
 }

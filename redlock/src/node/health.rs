@@ -8,11 +8,10 @@
 //! immediate failure, so no safety argument depends on it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::RedisError;
-use tokio::sync::mpsc;
 
 /// Rounds in a row that a node may leave unanswered before it is marked down: one slow
 /// round is not an outage, and a paused node costs at most this many node timeouts.
@@ -134,44 +133,6 @@ pub(crate) fn spawn_probe<P: Probe>(addr: Arc<str>, health: Arc<Health>, probe: 
             }
         }
     });
-}
-
-/// The driver queue's side of a probe: a `PING` through the node's own driver, so that it
-/// waits behind whatever the node has not answered yet, and reconnects if it must.
-#[derive(Clone)]
-pub(super) struct DriverProbe {
-    pub(super) ops: mpsc::WeakUnboundedSender<super::driver::Queued>,
-    /// The driver's backlog count, which every queued call adds to.
-    pub(super) backlog: Arc<AtomicUsize>,
-}
-
-impl Probe for DriverProbe {
-    async fn ping(&self) -> Result<(), RedisError> {
-        let Some(ops) = self.ops.upgrade() else {
-            return Err(super::driver::driver_gone());
-        };
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        let queued = super::driver::Queued {
-            call: super::driver::Call::Command(redis::cmd("PING")),
-            reply,
-            late: None,
-        };
-        self.backlog.fetch_add(1, Ordering::Relaxed);
-        if ops.send(queued).is_err() {
-            self.backlog.fetch_sub(1, Ordering::Relaxed);
-            return Err(super::driver::driver_gone());
-        }
-        drop(ops);
-        rx.await
-            .unwrap_or_else(|_| Err(super::driver::driver_gone()))
-            .map(drop)
-    }
-
-    fn alive(&self) -> bool {
-        // The node's handles hold the only strong senders; the driver itself holds a weak
-        // one.
-        self.ops.strong_count() > 0
-    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ErrorKind, RedisError};
 use tokio::time::Instant;
 
-use super::health::{self, DriverProbe, Health};
+use super::health::Health;
 use crate::ops::{NodePolicy, Op, Outcome, Verify, new_value};
 use crate::scripts;
 
@@ -35,8 +35,8 @@ pub(super) struct Link {
     warned: bool,
     /// The node's health: a failed connect marks it down, a new connection up.
     health: Arc<Health>,
-    /// The driver's queue, for the probe a failed connect starts.
-    probe: DriverProbe,
+    /// Starts the probe that brings the node back, once a failed connect marked it down.
+    start_probe: Box<dyn Fn() + Send>,
 }
 
 impl Link {
@@ -61,11 +61,11 @@ impl Link {
         connect_timeout: Duration,
         policy: NodePolicy,
         health: Arc<Health>,
-        probe: DriverProbe,
+        start_probe: Box<dyn Fn() + Send>,
     ) -> Self {
         Link {
             health,
-            probe,
+            start_probe,
             addr,
             client,
             config,
@@ -107,11 +107,7 @@ impl Link {
                     // reports it, and no probe would change it.
                     if error.kind() != ErrorKind::InvalidClientConfig && self.health.mark_down() {
                         tracing::warn!(node = %self.addr, %error, "lock node unreachable; marked down: its calls fail at once until a reconnect succeeds");
-                        health::spawn_probe(
-                            self.addr.clone(),
-                            self.health.clone(),
-                            self.probe.clone(),
-                        );
+                        (self.start_probe)();
                     }
                     self.down = Some((Instant::now() + self.backoff, error.clone()));
                     self.backoff = (self.backoff * 2).min(MAX_RECONNECT_BACKOFF);

@@ -413,25 +413,3 @@ impl SimConn {
             .await
     }
 }
-
-/// A model node's side of a health probe (see `node::health`).
-pub(crate) struct SimProbe(std::sync::Weak<SimConn>);
-
-impl SimProbe {
-    pub(crate) fn new(conn: &Arc<SimConn>) -> Self {
-        SimProbe(Arc::downgrade(conn))
-    }
-}
-
-impl crate::node::Probe for SimProbe {
-    async fn ping(&self) -> Result<(), redis::RedisError> {
-        if let Some(conn) = self.0.upgrade() {
-            conn.ping().await;
-        }
-        Ok(())
-    }
-
-    fn alive(&self) -> bool {
-        self.0.strong_count() > 0
-    }
-}
