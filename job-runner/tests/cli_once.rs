@@ -24,6 +24,60 @@ fn time_of_day(timestamp: &str) -> f64 {
     h * 3600.0 + m * 60.0 + s
 }
 
+/// The time of day of the last "job finished" line with `outcome` in JSON logs, and how
+/// many such lines there are.
+fn last_finished(stderr: &str, outcome: &str) -> (f64, usize) {
+    let finished: Vec<f64> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["message"] == "job finished" && l["outcome"] == outcome)
+        .map(|l| time_of_day(l["timestamp"].as_str().unwrap()))
+        .collect();
+    (
+        finished.iter().copied().fold(f64::MIN, f64::max),
+        finished.len(),
+    )
+}
+
+/// A job that asks to be retried (exit 75) goes to the delayed set: `--once` waits for it
+/// to come back and run rather than leaving it behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_once_waits_for_a_delayed_retry() {
+    let cluster = Cluster::start(3).await;
+    let urls = cluster.urls();
+    let marker = support::temp_path("flaky");
+    let job_runner = || {
+        let mut c = support::binary::job_runner(BIN, &urls);
+        c.args(["--metrics-addr", "off"]);
+        c
+    };
+    let o = job_runner()
+        .args(["enqueue", "flaky", "--resource", "r:flaky"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", out(&o));
+    let flaky = format!(
+        "flaky=sh -c 'test -f {0} || {{ touch {0}; exit 75; }}'",
+        marker.display()
+    );
+    let o = job_runner()
+        .args(["run", "--once", "--log-format", "json", "--exec", &flaky])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", out(&o));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(last_finished(&stderr, "retried").1, 1, "{}", out(&o));
+    assert_eq!(last_finished(&stderr, "done").1, 1, "{}", out(&o));
+    let o = job_runner().arg("info").output().unwrap();
+    let info = String::from_utf8_lossy(&o.stdout);
+    for line in ["depth     0", "pending   0", "delayed   0", "dead      0"] {
+        assert!(info.contains(line), "{}", out(&o));
+    }
+    let _ = std::fs::remove_file(&marker);
+    cluster.teardown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_once_exits_promptly_after_the_last_job() {
     let cluster = Cluster::start(3).await;
@@ -47,14 +101,8 @@ async fn run_once_exits_promptly_after_the_last_job() {
     let exited = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
     assert!(o.status.success(), "{}", out(&o));
     let stderr = String::from_utf8_lossy(&o.stderr);
-    let finished: Vec<f64> = stderr
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|l| l["message"] == "job finished" && l["outcome"] == "done")
-        .map(|l| time_of_day(l["timestamp"].as_str().unwrap()))
-        .collect();
-    assert_eq!(finished.len(), 20, "every job done:\n{}", out(&o));
-    let last = finished.iter().copied().fold(f64::MIN, f64::max);
+    let (last, done) = last_finished(&stderr, "done");
+    assert_eq!(done, 20, "every job done:\n{}", out(&o));
     let exited = (exited.as_secs() % 86_400) as f64 + f64::from(exited.subsec_nanos()) * 1e-9;
     // Midnight may fall between the last job and the exit.
     let after_last = (exited - last).rem_euclid(86_400.0);
