@@ -34,9 +34,13 @@ impl NodeKeys {
     pub(crate) fn warning(&self, node: &str) -> Option<String> {
         let example = self.other_example.as_deref()?;
         let at_least = if self.complete { "" } else { "at least " };
-        let keys = if self.others == 1 { "key" } else { "keys" };
+        let keys = if self.others == 1 {
+            "key that is not a lock"
+        } else {
+            "keys that are not locks"
+        };
         Some(format!(
-            "warning: lock node {node} holds {at_least}{} {keys} that are not locks \
+            "warning: lock node {node} holds {at_least}{} {keys} \
              (e.g. `{example}`): keep other data (the queue included) off lock nodes, where \
              it competes with locks for memory and a key named like a resource blocks that \
              resource's lock",
