@@ -104,6 +104,23 @@ pub fn is_internal_key(key: &[u8]) -> bool {
     key.starts_with(scripts::RESERVED_PREFIX.as_bytes())
 }
 
+/// Whether `value`, read from a key on a lock node, has the shape of a lock value
+/// fencelock writes (128 random bits as 32 lowercase hex digits): for tools that count
+/// the locks a node holds without knowing fencelock's format.
+///
+/// A lock key also always has a TTL: a key whose value merely looks like this but does
+/// not expire is not a lock. Other clients' locks (node-redlock, redsync) may or may not
+/// match; this recognises fencelock's.
+///
+/// ```
+/// assert!(fencelock::is_lock_value(b"3f1c0a9b7e2d4c6f8a1b2c3d4e5f6a7b"));
+/// assert!(!fencelock::is_lock_value(b"hello"));
+/// assert!(!fencelock::is_lock_value(b"3F1C0A9B7E2D4C6F8A1B2C3D4E5F6A7B"));
+/// ```
+pub fn is_lock_value(value: &[u8]) -> bool {
+    ops::is_value(value)
+}
+
 #[cfg(test)]
 mod send_sync {
     fn is_send<T: Send>() {}

@@ -73,7 +73,7 @@ impl Queue {
     }
 
     /// Waits up to `block` (at most [`MAX_FETCH_BLOCK`]) for new entries for this
-    /// consumer, at most `count`.
+    /// consumer, at most `count`; with a zero `block`, takes only those already there.
     ///
     /// # Errors
     ///
@@ -87,14 +87,18 @@ impl Queue {
     pub async fn fetch(&self, count: usize, block: Duration) -> Result<Vec<Delivery>, QueueError> {
         let mut conn = self.blocking.clone();
         // Read as bytes: whatever an entry holds must not make the reply undecodable.
-        let reply: Result<redis::Value, _> = redis::cmd("XREADGROUP")
-            .arg("GROUP")
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
             .arg(&self.group)
             .arg(&self.consumer)
             .arg("COUNT")
-            .arg(count.max(1))
-            .arg("BLOCK")
-            .arg(block.min(MAX_FETCH_BLOCK).as_millis() as u64)
+            .arg(count.max(1));
+        // `BLOCK 0` would wait forever: zero means no BLOCK at all.
+        let block_ms = block.min(MAX_FETCH_BLOCK).as_millis() as u64;
+        if block_ms > 0 {
+            cmd.arg("BLOCK").arg(block_ms);
+        }
+        let reply: Result<redis::Value, _> = cmd
             .arg("STREAMS")
             .arg(&self.stream)
             .arg(">")

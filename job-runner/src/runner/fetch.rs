@@ -44,7 +44,9 @@ pub(super) async fn run(
         .checked_sub(s.visibility)
         .unwrap_or_else(Instant::now);
     let mut reclaim_cursor = String::from("0-0");
-    let mut idle_turns = 0u32;
+    // With `once`: the last drain check found work that is not ours to fetch yet (delayed,
+    // or pending for another consumer), so the next fetch may block a little for it.
+    let mut waiting = false;
     tracing::info!(worker = %shared.worker, concurrency = s.concurrency, kinds = ?shared.handlers, "runner started");
 
     'fetch: loop {
@@ -111,10 +113,12 @@ pub(super) async fn run(
             }
         }
         if batch.is_empty() {
-            let block = if s.once {
-                Duration::from_millis(100)
-            } else {
-                s.fetch_block
+            // With `once`, a fetch that blocked would delay noticing the drained queue;
+            // it blocks only while waiting for work another part of the queue holds.
+            let block = match (s.once, waiting && jobs.is_empty()) {
+                (false, _) => s.fetch_block,
+                (true, true) => ONCE_POLL,
+                (true, false) => Duration::ZERO,
             };
             match shared.queue.fetch(free, block).await {
                 Ok(fetched) => {
@@ -135,16 +139,28 @@ pub(super) async fn run(
         }
         if batch.is_empty() {
             drop(permit);
-            if s.once && jobs.is_empty() {
-                idle_turns += 1;
-                // Drained only if nothing is delayed or pending anywhere either.
-                if idle_turns >= 3 && drained(&shared).await {
+            if s.once {
+                if !jobs.is_empty() {
+                    // Nothing new while jobs run: look again when one finishes (it may
+                    // have scheduled a retry, and the last one ends the run) or after a
+                    // poll interval for jobs enqueued meanwhile.
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => break 'fetch,
+                        Some(done) = jobs.join_next() => report.tally(done),
+                        () = tokio::time::sleep(ONCE_POLL) => {}
+                    }
+                } else if drained(&shared).await {
+                    // A finished job's ack, retry or dead letter is written before its
+                    // task ends, so the counts are final for everything this runner ran.
                     break 'fetch;
+                } else {
+                    waiting = true;
                 }
             }
             continue;
         }
-        idle_turns = 0;
+        waiting = false;
         // A signal that came while the fetch blocked: these jobs have not started, so
         // they go back at once rather than run during the shutdown.
         if (&mut shutdown).now_or_never().is_some() {
@@ -196,6 +212,10 @@ pub(super) async fn run(
     tracing::info!(?report, "runner stopped");
     report
 }
+
+/// With `once`: how often to look for new or promoted jobs while waiting for running
+/// jobs or for work held elsewhere (delayed jobs, entries pending for another consumer).
+const ONCE_POLL: Duration = Duration::from_millis(100);
 
 /// Returns fetched jobs that will not run here to the queue, due at once. An entry
 /// that cannot be put back (or is not a job) stays pending and is reclaimed later.

@@ -43,6 +43,11 @@ pub(crate) fn new_value() -> String {
     format!("{bits:032x}")
 }
 
+/// Whether `value` has the shape [`new_value`] gives: 32 lowercase hex digits.
+pub(crate) fn is_value(value: &[u8]) -> bool {
+    value.len() == 32 && value.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// One call of one lock script.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {

@@ -11,6 +11,22 @@ fn values_are_128_bit_and_unique() {
 }
 
 #[test]
+fn values_have_the_shape_is_value_recognises() {
+    for _ in 0..1000 {
+        assert!(is_value(new_value().as_bytes()));
+    }
+    for other in [
+        "",
+        "1",
+        "0123456789ABCDEF0123456789ABCDEF",
+        "0123456789abcdef0123456789abcdeg",
+    ] {
+        assert!(!is_value(other.as_bytes()), "{other:?}");
+    }
+    assert!(!is_value(format!("{}0", new_value()).as_bytes()));
+}
+
+#[test]
 fn batch_numbers_follow_the_scripts_order() {
     let keys: Arc<[String]> = Arc::from(["k".to_owned()]);
     let ops = [
