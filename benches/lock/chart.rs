@@ -51,7 +51,7 @@ pub(crate) fn draw(path: &Path, rows: &[Vec<FaultRow>]) -> Result<(), Box<dyn st
             })
             .y_desc("cycles/s")
             .y_label_formatter(&|y| format!("{y:.0}"))
-            .max_light_lines(0)
+            .light_line_style(WHITE)
             .draw()?;
         chart.draw_series(medians.iter().enumerate().map(|(i, &value)| {
             let i = i as u32;
