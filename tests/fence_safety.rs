@@ -3,10 +3,13 @@
 //! must strictly increase, and with its safeguard planted away ([`Bug`]), where they must
 //! not.
 
+mod support;
+
 use std::time::Duration;
 
 use fencelock::sim::{Bug, SimCluster, SimOptions};
 use fencelock::{Redlock, RetryPolicy};
+use support::holds_and_catches;
 use tokio::time::sleep;
 
 const QUARANTINE: Duration = Duration::from_secs(10);
@@ -38,21 +41,6 @@ async fn cycle(cluster: &SimCluster, locks: &Redlock, resource: &str, away: Opti
         cluster.node(i).set_drop_rate(0.0);
     }
     token
-}
-
-/// Runs `scenario` as the code is, where it must hold, then with `bug` planted, where it
-/// must fail; prints what it caught.
-async fn holds_and_catches<F, Fut>(scenario: F, bug: Bug)
-where
-    F: Fn(Option<Bug>) -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
-{
-    scenario(None).await.unwrap();
-    let caught = scenario(Some(bug)).await;
-    eprintln!(
-        "with {bug:?} planted: {}",
-        caught.expect_err("the planted bug went unnoticed")
-    );
 }
 
 fn cluster(bug: Option<Bug>) -> SimCluster {

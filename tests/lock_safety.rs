@@ -3,12 +3,15 @@
 //! exactly when the schedule says. Each schedule runs twice: as the code is, where it must
 //! hold, and with its hole planted back ([`Bug`]), where its check must fire.
 
+mod support;
+
 use std::time::Duration;
 
 use fencelock::sim::{Bug, SimCluster, SimOptions};
 use fencelock::{
     ErrorKind, LockGuard, LockState, LostReason, MAX_TTL, Redlock, RetryPolicy, WatchdogConfig,
 };
+use support::holds_and_catches;
 use tokio::time::{Instant, sleep, sleep_until};
 
 const QUARANTINE: Duration = Duration::from_secs(10);
@@ -19,21 +22,6 @@ fn planted(nodes: usize, seed: u64, bug: Option<Bug>) -> SimCluster {
         cluster.plant(bug);
     }
     cluster
-}
-
-/// Runs `scenario` as the code is, where it must hold, then with `bug` planted, where its
-/// check must fire; prints what it caught.
-async fn holds_and_catches<F, Fut>(scenario: F, bug: Bug)
-where
-    F: Fn(Option<Bug>) -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
-{
-    scenario(None).await.unwrap();
-    let caught = scenario(Some(bug)).await;
-    eprintln!(
-        "with {bug:?} planted: {}",
-        caught.expect_err("the planted bug went unnoticed")
-    );
 }
 
 /// A's lock held on nodes 0 and 2 only: node 1 loses A's request.

@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use crate::support::Cluster;
-use crate::{client, median, parallel, percentile, sequential};
+use crate::{Latency, client, median, parallel, sequential};
 
 /// One scenario of the fault rows.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -50,10 +50,7 @@ impl Fault {
 #[derive(Clone, Copy, Default)]
 pub(crate) struct FaultRow {
     pub(crate) seq_rate: f64,
-    pub(crate) acq_p50: f64,
-    pub(crate) acq_p99: f64,
-    pub(crate) rel_p50: f64,
-    pub(crate) rel_p99: f64,
+    pub(crate) lat: Latency,
     pub(crate) par_rate: f64,
 }
 
@@ -88,10 +85,7 @@ pub(crate) async fn measure(cluster: &Cluster, fault: Fault) -> FaultRow {
     }
     FaultRow {
         seq_rate,
-        acq_p50: percentile(&acq, 0.5),
-        acq_p99: percentile(&acq, 0.99),
-        rel_p50: percentile(&rel, 0.5),
-        rel_p99: percentile(&rel, 0.99),
+        lat: Latency::of(&acq, &rel),
         par_rate,
     }
 }
@@ -140,10 +134,10 @@ pub(crate) fn report(rows: &[Vec<FaultRow>]) {
             m(|r| r.seq_rate),
             ratio(|r| r.seq_rate),
             target(fault.target()),
-            m(|r| r.acq_p50),
-            m(|r| r.acq_p99),
-            m(|r| r.rel_p50),
-            m(|r| r.rel_p99),
+            m(|r| r.lat.acq_p50),
+            m(|r| r.lat.acq_p99),
+            m(|r| r.lat.rel_p50),
+            m(|r| r.lat.rel_p99),
             m(|r| r.par_rate),
             ratio(|r| r.par_rate),
             target(0.8),

@@ -42,10 +42,7 @@ const TTL: Duration = Duration::from_secs(30);
 #[derive(Default, Clone, Copy)]
 struct Row {
     seq_rate: f64,
-    acq_p50: f64,
-    acq_p99: f64,
-    rel_p50: f64,
-    rel_p99: f64,
+    lat: Latency,
     par_rate: f64,
     cont_rate: f64,
     cont_gave_up: f64,
@@ -61,6 +58,27 @@ struct Row {
     /// `redis-benchmark` at `-c 1` and `-c 50`, measured just before this row's phases.
     raw1: f64,
     raw50: f64,
+}
+
+/// Acquire and release latency of one sequential phase, in microseconds.
+#[derive(Default, Clone, Copy)]
+struct Latency {
+    acq_p50: f64,
+    acq_p99: f64,
+    rel_p50: f64,
+    rel_p99: f64,
+}
+
+impl Latency {
+    /// From the phase's sorted acquire and release times.
+    fn of(acq: &[Duration], rel: &[Duration]) -> Self {
+        Latency {
+            acq_p50: percentile(acq, 0.5),
+            acq_p99: percentile(acq, 0.99),
+            rel_p50: percentile(rel, 0.5),
+            rel_p99: percentile(rel, 0.99),
+        }
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -280,10 +298,7 @@ async fn main() {
             );
             rows[i].push(Row {
                 seq_rate,
-                acq_p50: percentile(&acq, 0.5),
-                acq_p99: percentile(&acq, 0.99),
-                rel_p50: percentile(&rel, 0.5),
-                rel_p99: percentile(&rel, 0.99),
+                lat: Latency::of(&acq, &rel),
                 par_rate,
                 cont_rate,
                 cont_gave_up,
@@ -352,10 +367,10 @@ async fn main() {
         println!(
             "| {n} | {:.0} | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
             m(i, |r| r.seq_rate),
-            m(i, |r| r.acq_p50),
-            m(i, |r| r.acq_p99),
-            m(i, |r| r.rel_p50),
-            m(i, |r| r.rel_p99),
+            m(i, |r| r.lat.acq_p50),
+            m(i, |r| r.lat.acq_p99),
+            m(i, |r| r.lat.rel_p50),
+            m(i, |r| r.lat.rel_p99),
             m(i, |r| r.par_rate),
             m(i, |r| r.cont_rate),
             m(i, |r| r.cont_gave_up),
@@ -381,7 +396,12 @@ async fn main() {
     );
     println!(
         "  release p50 / acquire p50:  {:.2}x (<= 1.1)",
-        median(rows[five].iter().map(|r| r.rel_p50 / r.acq_p50).collect())
+        median(
+            rows[five]
+                .iter()
+                .map(|r| r.lat.rel_p50 / r.lat.acq_p50)
+                .collect()
+        )
     );
     println!(
         "  64 tasks / raw -c 50:       {:.2}x (>= 0.40)",

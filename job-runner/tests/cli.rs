@@ -7,9 +7,8 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use job_runner::ledger::Ledger;
-use support::binary::out;
-use support::{Cluster, temp_path, wait_until};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::binary::{http_get, out};
+use support::{Cluster, free_port, temp_path, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_job-runner");
 
@@ -20,27 +19,6 @@ fn job_runner(cluster_urls: &[String]) -> Command {
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("run job-runner")
-}
-
-async fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    let status = body[9..12].parse().unwrap();
-    (status, body)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,7 +88,7 @@ async fn subcommands_against_real_redis() {
             .is_ok()
     })
     .await;
-    let (status, body) = http_get(port, "/healthz").await;
+    let (status, body) = http_get(port, "/healthz").await.unwrap();
     assert_eq!(status, 200, "{body}");
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
@@ -191,7 +169,7 @@ async fn subcommands_against_real_redis() {
     // The job `dead retry --all` put back has run by now: every family has a series.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let metrics = loop {
-        let metrics = http_get(port, "/metrics").await.1;
+        let metrics = http_get(port, "/metrics").await.unwrap().1;
         if metrics.contains(r#"job_runner_jobs_total{kind="mystery",outcome="done"} 1"#) {
             break metrics;
         }

@@ -6,32 +6,10 @@ use fencelock_test_support as support;
 use std::process::Command;
 use std::time::Duration;
 
-use support::Cluster;
-use support::binary::out;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::binary::{http_get, out};
+use support::{Cluster, free_port};
 
 const BIN: &str = env!("CARGO_BIN_EXE_job-runner");
-
-async fn metrics(port: u16) -> String {
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return String::new();
-    };
-    let request = "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n";
-    if s.write_all(request.as_bytes()).await.is_err() {
-        return String::new();
-    }
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body).await;
-    body
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_lock_node_shows_down_in_metrics_and_info() {
@@ -68,7 +46,10 @@ async fn a_closed_lock_node_shows_down_in_metrics_and_info() {
     let up = format!(r#"job_runner_lock_node_up{{node="{live}"}} 1"#);
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let body = metrics(port).await;
+        let body = http_get(port, "/metrics")
+            .await
+            .map(|r| r.1)
+            .unwrap_or_default();
         if [&down, &flipped, &up]
             .iter()
             .all(|s| body.contains(s.as_str()))

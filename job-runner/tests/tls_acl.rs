@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use fencelock_test_support::temp_path;
+use fencelock_test_support::{free_port, temp_path};
 use testcontainers::core::{Mount, WaitFor};
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt};
@@ -95,15 +95,6 @@ fn make_certs(dir: &Path) {
 }
 
 /// A free port below the ephemeral range.
-fn free_port() -> u16 {
-    loop {
-        let port = rand::random_range(20_000..32_000);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
 /// A node that speaks only TLS on `port`, where the default user is off and `USER` may
 /// do everything.
 async fn tls_node(certs: &Path, port: u16) -> ContainerAsync<GenericImage> {

@@ -44,7 +44,7 @@ pub struct Cluster {
 
 /// A port that is free now, below the kernel's ephemeral range (32768 and up), so that
 /// outgoing connections do not take it before the node binds it.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     use rand::Rng;
     let mut rng = rand::rngs::SmallRng::from_os_rng();
     loop {
@@ -384,4 +384,20 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Runs `scenario` as the code is, where it must hold, then with `bug` planted, where its
+/// check must fire; prints what it caught. A checker never shown to fire proves nothing.
+pub async fn holds_and_catches<B, F, Fut>(scenario: F, bug: B)
+where
+    B: std::fmt::Debug + Copy,
+    F: Fn(Option<B>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    scenario(None).await.unwrap();
+    let caught = scenario(Some(bug)).await;
+    eprintln!(
+        "with {bug:?} planted: {}",
+        caught.expect_err("the planted bug went unnoticed")
+    );
 }
