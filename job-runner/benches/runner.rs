@@ -20,6 +20,10 @@
 //! - **queue memory**: the queue node's `used_memory` before and after one runner (`-c 64`)
 //!   drains 100 000 no-op jobs (`BENCH_MEMORY_JOBS`): retired entries are deleted, so it
 //!   should end where it began.
+//! - **lock-node memory** (`BENCH_ONLY=fence`): the lock nodes' keys and `used_memory`
+//!   before one runner pays `BENCH_JOBS / 2` orders with a 2 s fence window, right after,
+//!   and once the window has passed: what fencing keeps must not grow with the orders
+//!   paid.
 
 use fencelock_test_support as support;
 
@@ -270,6 +274,63 @@ async fn queue_memory(urls: &[String], n: usize) -> (f64, f64) {
     (before as f64 / 1024.0, after as f64 / 1024.0)
 }
 
+/// The fence window of the lock-node memory run: short, so that the bench waits it out.
+const FENCE_WINDOW: Duration = Duration::from_secs(2);
+
+/// What the lock nodes hold (medians over the five: keys, `used_memory` in KiB) with an
+/// idle runner connected, right after it paid `jobs_per_run() / 2` orders with a fence
+/// window of [`FENCE_WINDOW`], and once that window has passed: fencing must leave the
+/// nodes as they were.
+async fn lock_memory(cluster: &Cluster, urls: &[String]) -> [(f64, f64); 3] {
+    let snapshot = || async {
+        let mut keys = Vec::new();
+        let mut kib = Vec::new();
+        for i in 0..5 {
+            keys.push(cluster.dbsize(i).await as f64);
+            kib.push(cluster.used_memory(i).await as f64 / 1024.0);
+        }
+        (median(keys), median(kib))
+    };
+    flush(&urls[5]).await;
+    let ledger = temp_path("bench-ledger");
+    let queue = Queue::connect(&urls[5], "jobs", "bench").await.unwrap();
+    let window = FENCE_WINDOW.as_millis().to_string();
+    let mut child = runner(
+        urls,
+        0,
+        &ledger,
+        "bench-fence",
+        64,
+        &["--lock-fence-window-ms", &window],
+    )
+    .spawn()
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = snapshot().await;
+    fill(&queue, "payment", jobs_per_run()).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let st = queue.stats().await.unwrap();
+        if st.depth == 0 && st.pending == 0 && st.delayed == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not drained: {st:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = snapshot().await;
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    child.wait().await.unwrap();
+    // The window runs from each counter's last write; the release that ended the last job
+    // wrote none.
+    tokio::time::sleep(FENCE_WINDOW + Duration::from_secs(1)).await;
+    let later = snapshot().await;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", ledger.display()));
+    }
+    [before, after, later]
+}
+
 /// Peak RSS (VmHWM) in MiB of one runner with 64 slow payment jobs in flight.
 async fn peak_rss(urls: &[String]) -> f64 {
     flush(&urls[5]).await;
@@ -347,6 +408,11 @@ async fn main() {
             })
         });
     }
+    // First, while no counter of the other rows (5-minute window) is on the lock nodes.
+    let fence_memory = match std::env::var("BENCH_ONLY") {
+        Ok(only) if !only.split(',').any(|o| o.trim() == "fence") => None,
+        _ => Some(lock_memory(&cluster, &urls).await),
+    };
     // One untimed pass first: the first runs after the containers start are slower for
     // the baseline and the runner alike, and would only widen the spread.
     eprintln!("warm-up");
@@ -423,6 +489,17 @@ async fn main() {
             "\nqueue node used_memory: {before:.0} KiB with a runner connected, {after:.0} KiB \
              after it drained {memory_jobs} no-op jobs ({:+.0} KiB)",
             after - before
+        );
+    }
+    if let Some([(k0, m0), (k1, m1), (k2, m2)]) = fence_memory {
+        println!(
+            "\nlock nodes (medians over 5) around {} payment jobs on {} orders, fence window \
+             {} ms: keys {k0:.0} before, {k1:.0} after the run, {k2:.0} after the window; \
+             used_memory {m0:.0} KiB, {m1:.0} KiB, {m2:.0} KiB ({:+.0} KiB)",
+            jobs_per_run(),
+            jobs_per_run() / 2,
+            FENCE_WINDOW.as_millis(),
+            m2 - m0
         );
     }
     cluster.teardown().await;

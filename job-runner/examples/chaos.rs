@@ -683,7 +683,22 @@ async fn main() {
     if violations.len() > 20 {
         println!("  ... and {} more", violations.len() - 20);
     }
-    let _ = std::fs::remove_dir_all(&copy);
+    if violations.is_empty() {
+        let _ = std::fs::remove_dir_all(&copy);
+    } else {
+        // What a failed run leaves to read: the ledger's attempt log and each runner's log.
+        for name in RUNNERS {
+            if let Ok(out) = Command::new("docker").args(["logs", name]).output() {
+                let mut log = out.stdout;
+                log.extend_from_slice(&out.stderr);
+                let _ = std::fs::write(copy.join(format!("{name}.log")), log);
+            }
+        }
+        println!(
+            "the ledger copy and the runners' logs are kept in {}",
+            copy.display()
+        );
+    }
     if !args.keep {
         lab(&root, &["down"], args.no_fencing, args.gateway_latency_ms);
     }

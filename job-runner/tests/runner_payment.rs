@@ -7,7 +7,7 @@ use fencelock_test_support as support;
 use std::time::Duration;
 
 use job_runner::handlers::payment::{PaymentHandler, SimulatedGateway};
-use job_runner::ledger::{Ledger, Writer};
+use job_runner::ledger::{Begin, Holder, Ledger};
 use job_runner::{NewJob, Queue, Registry, Runner};
 use serde_json::json;
 use support::{Cluster, fenced_client, temp_path};
@@ -19,14 +19,15 @@ async fn a_payment_must_lock_its_order_and_a_paid_orders_duplicate_is_done() {
     let path = temp_path("payment-rules");
     let ledger = Ledger::open(&path).unwrap();
     // Order 8 was paid under a lock whose token counter is far ahead of `order:8`'s.
-    let writer = Writer {
+    let holder = Holder {
         token: 271,
         worker: "elsewhere",
         job_id: "j0",
-        started_us: 1,
     };
-    ledger.begin(8, 800, writer).unwrap();
-    ledger.commit(8, "ch_8", writer).unwrap();
+    let Begin::Pending { started_us } = ledger.begin(8, 800, holder).unwrap() else {
+        panic!("order 8 is new");
+    };
+    ledger.commit(8, "ch_8", holder.writer(started_us)).unwrap();
 
     let queue = Queue::connect(&urls[1], "pay", "test").await.unwrap();
     let pay = |resource: &str, order: i64| {

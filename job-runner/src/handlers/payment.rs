@@ -19,7 +19,7 @@ use serde::Deserialize;
 use crate::error;
 use crate::handler::{Handler, HandlerError, JobContext};
 use crate::job::Job;
-use crate::ledger::{Begin, Commit, Ledger, LedgerError, Outcome, Writer, now_us};
+use crate::ledger::{Begin, Commit, Holder, Ledger, LedgerError, Outcome, Writer};
 
 /// A payment job's payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -201,17 +201,19 @@ struct Attempt {
     token: u64,
     worker: Arc<str>,
     job_id: Arc<str>,
-    started_us: i64,
 }
 
 impl Attempt {
-    fn writer(&self) -> Writer<'_> {
-        Writer {
+    fn holder(&self) -> Holder<'_> {
+        Holder {
             token: self.token,
             worker: &self.worker,
             job_id: &self.job_id,
-            started_us: self.started_us,
         }
+    }
+
+    fn writer(&self, started_us: i64) -> Writer<'_> {
+        self.holder().writer(started_us)
     }
 }
 
@@ -242,17 +244,16 @@ impl<G: Gateway> Handler for PaymentHandler<G> {
             token,
             worker: ctx.worker.clone(),
             job_id: job.id.as_str().into(),
-            started_us: now_us(),
         };
 
         let begin = {
             let attempt = attempt.clone();
             blocking(&self.ledger, move |l| {
-                l.begin(payment.order_id, payment.amount_cents, attempt.writer())
+                l.begin(payment.order_id, payment.amount_cents, attempt.holder())
             })
             .await?
         };
-        match begin {
+        let started_us = match begin {
             Begin::AlreadyPaid => return Ok(()),
             Begin::Stale { fence } => {
                 if matches!(ctx.lock.state(), fencelock::LockState::Held) {
@@ -274,8 +275,8 @@ impl<G: Gateway> Handler for PaymentHandler<G> {
                     payment.order_id
                 )));
             }
-            Begin::Pending => {}
-        }
+            Begin::Pending { started_us } => started_us,
+        };
         if ctx.cancel.is_cancelled() {
             return Err(HandlerError::transient("cancelled before charging"));
         }
@@ -292,7 +293,7 @@ impl<G: Gateway> Handler for PaymentHandler<G> {
             r = self.gateway.charge(&request) => r,
             () = ctx.cancel.cancelled() => {
                 blocking(&self.ledger, move |l| {
-                    l.record(payment.order_id, attempt.writer(), Outcome::Cancelled)
+                    l.record(payment.order_id, attempt.writer(started_us), Outcome::Cancelled)
                 })
                 .await?;
                 return Err(HandlerError::transient("cancelled while charging"));
@@ -303,7 +304,11 @@ impl<G: Gateway> Handler for PaymentHandler<G> {
             Err(e) => {
                 let attempt = attempt.clone();
                 blocking(&self.ledger, move |l| {
-                    l.record(payment.order_id, attempt.writer(), Outcome::GatewayFailed)
+                    l.record(
+                        payment.order_id,
+                        attempt.writer(started_us),
+                        Outcome::GatewayFailed,
+                    )
                 })
                 .await?;
                 return Err(if e.transient {
@@ -314,7 +319,7 @@ impl<G: Gateway> Handler for PaymentHandler<G> {
             }
         };
         let commit = blocking(&self.ledger, move |l| {
-            l.commit(payment.order_id, &charge_id, attempt.writer())
+            l.commit(payment.order_id, &charge_id, attempt.writer(started_us))
         })
         .await?;
         match commit {

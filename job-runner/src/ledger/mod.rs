@@ -6,7 +6,8 @@
 //! has seen. A write with a lower token comes from a holder whose lock has since passed to
 //! someone else (it paused, its lock expired, a newer holder took over) and is rejected,
 //! whatever that holder believes. Every charge attempt is logged (order, token, worker,
-//! outcome and the interval it ran in), so a checker can prove "charged exactly once".
+//! outcome, and the interval from its begin to its last write), so a checker can prove
+//! "charged exactly once".
 //!
 //! The database runs in WAL mode with a busy timeout, so several runner processes on one
 //! machine can share the file.
@@ -24,7 +25,7 @@ mod records;
 mod tests;
 
 pub use audit::Audit;
-pub use records::{Attempt, Begin, Commit, LedgerError, Order, Outcome, Writer};
+pub use records::{Attempt, Begin, Commit, Holder, LedgerError, Order, Outcome, Writer};
 
 /// How long a ledger call waits for other processes' writes.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -167,12 +168,13 @@ impl Ledger {
         ensure_order(&conn, order_id, amount_cents)
     }
 
-    /// Starts a holder's work on `order_id`: creates the order as pending if it is new,
-    /// says so when it is already paid (logging the attempt), whatever the token (a paid
-    /// order is done, and a duplicate of its job succeeds rather than retrying as
-    /// stale); otherwise rejects a token older than the fence and raises the fence to the
-    /// token. Raising the fence at the start means that a holder that paused cannot commit
-    /// even if the newer holder has not committed yet.
+    /// Starts a holder's work on `order_id`: creates the order as pending if it is new, and
+    /// raises the fence to the holder's token whatever the order's state, so that every
+    /// older holder is stale from now on, even at an order that is paid. Then says so when
+    /// the order is already paid (logging the attempt), whatever the token (a paid order
+    /// is done, and a duplicate of its job succeeds rather than retrying as stale), or
+    /// rejects a token older than the fence. Raising the fence at the start means that a
+    /// holder that paused cannot commit even if the newer holder has not committed yet.
     ///
     /// # Errors
     ///
@@ -181,18 +183,26 @@ impl Ledger {
         &self,
         order_id: i64,
         amount_cents: i64,
-        writer: Writer<'_>,
+        holder: Holder<'_>,
     ) -> Result<Begin, LedgerError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let started_us = now_us();
         ensure_order(&tx, order_id, amount_cents)?;
         let (status, fence): (String, i64) = tx.query_row(
             "SELECT status, fence FROM orders WHERE order_id = ?1",
             params![order_id],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-        let token = writer.token as i64;
+        let token = holder.token as i64;
         let stale = self.inner.fencing && token < fence;
+        if token > fence {
+            tx.execute(
+                "UPDATE orders SET fence = ?2 WHERE order_id = ?1",
+                params![order_id, token],
+            )?;
+        }
+        let writer = holder.writer(started_us);
         if status == "paid" {
             // A duplicate: logged, so the audit sees every holder that touched the order
             // (as stale when its token is, since it was not the order's newest holder).
@@ -212,14 +222,8 @@ impl Ledger {
                 fence: fence as u64,
             });
         }
-        if token > fence {
-            tx.execute(
-                "UPDATE orders SET fence = ?2 WHERE order_id = ?1",
-                params![order_id, token],
-            )?;
-        }
         tx.commit()?;
-        Ok(Begin::Pending)
+        Ok(Begin::Pending { started_us })
     }
 
     /// The final write of a charge, in one transaction: an order already paid stays as it

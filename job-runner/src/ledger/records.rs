@@ -119,8 +119,11 @@ impl From<rusqlite::Error> for LedgerError {
 /// Where an order stands when a holder starts working on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Begin {
-    /// Pending: go on and charge.
-    Pending,
+    /// Pending: go on and charge, with the writer [`Holder::writer`] makes of this time.
+    Pending {
+        /// When the begin ran, in µs since the Unix epoch: the attempt's start in the log.
+        started_us: i64,
+    },
     /// Already paid: nothing to do.
     AlreadyPaid,
     /// A newer holder has been here: this holder's token is stale.
@@ -176,13 +179,39 @@ pub struct Attempt {
     pub job_id: String,
     /// How it ended.
     pub outcome: Outcome,
-    /// When the holder began working on the order, in µs since the Unix epoch.
+    /// When the attempt's begin ran, in µs since the Unix epoch. What a holder did before
+    /// (waiting for its lock, starting its handler) the ledger cannot see, so the audit
+    /// orders holders from their first ledger write on, as fencing does.
     pub started_us: i64,
     /// When the attempt's final write happened, in µs since the Unix epoch.
     pub finished_us: i64,
 }
 
-/// Who made a write, for the attempt log.
+/// A lock holder that begins work on an order ([`Ledger::begin`](super::Ledger::begin)).
+#[derive(Debug, Clone, Copy)]
+pub struct Holder<'a> {
+    /// The fencing token of the lock the holder works under.
+    pub token: u64,
+    /// The worker's name.
+    pub worker: &'a str,
+    /// The job's id.
+    pub job_id: &'a str,
+}
+
+impl<'a> Holder<'a> {
+    /// The holder's later writes, after its begin returned
+    /// [`Begin::Pending { started_us }`](Begin::Pending).
+    pub fn writer(self, started_us: i64) -> Writer<'a> {
+        Writer {
+            token: self.token,
+            worker: self.worker,
+            job_id: self.job_id,
+            started_us,
+        }
+    }
+}
+
+/// Who made a write after beginning, for the attempt log.
 #[derive(Debug, Clone, Copy)]
 pub struct Writer<'a> {
     /// The fencing token of the lock the write is made under.
@@ -191,6 +220,6 @@ pub struct Writer<'a> {
     pub worker: &'a str,
     /// The job's id.
     pub job_id: &'a str,
-    /// When the holder began working on the order (µs since the epoch; see [`now_us`]).
+    /// When the holder's begin ran (µs since the epoch; see [`now_us`](super::now_us)).
     pub started_us: i64,
 }

@@ -1,11 +1,18 @@
 use super::*;
 
-fn writer(token: u64, started_us: i64) -> Writer<'static> {
-    Writer {
+fn holder(token: u64) -> Holder<'static> {
+    Holder {
         token,
         worker: "w",
         job_id: "j",
-        started_us,
+    }
+}
+
+/// Begins `token`'s work on `order`, which must be pending, and returns its writer.
+fn begin(ledger: &Ledger, order: i64, amount: i64, token: u64) -> Writer<'static> {
+    match ledger.begin(order, amount, holder(token)).unwrap() {
+        Begin::Pending { started_us } => holder(token).writer(started_us),
+        other => panic!("token {token} on order {order}: {other:?}"),
     }
 }
 
@@ -50,24 +57,18 @@ fn runners_opening_a_new_ledger_at_once_all_start() {
 #[test]
 fn a_stale_token_is_rejected_at_commit() {
     let (ledger, path) = temp_ledger(true);
-    assert_eq!(ledger.begin(1, 500, writer(5, 1)).unwrap(), Begin::Pending);
+    let paused = begin(&ledger, 1, 500, 5);
     // A newer holder starts and pays.
-    assert_eq!(ledger.begin(1, 500, writer(6, 2)).unwrap(), Begin::Pending);
-    assert_eq!(
-        ledger.commit(1, "ch_1", writer(6, 2)).unwrap(),
-        Commit::Charged
-    );
+    let newer = begin(&ledger, 1, 500, 6);
+    assert_eq!(ledger.commit(1, "ch_1", newer).unwrap(), Commit::Charged);
     // The paused holder wakes up and tries to commit: the order is paid, so it is
     // done, and its attempt is logged as stale.
     assert_eq!(
-        ledger.commit(1, "ch_1", writer(5, 1)).unwrap(),
+        ledger.commit(1, "ch_1", paused).unwrap(),
         Commit::AlreadyPaid
     );
     // So is a stale holder's begin.
-    assert_eq!(
-        ledger.begin(1, 500, writer(4, 3)).unwrap(),
-        Begin::AlreadyPaid
-    );
+    assert_eq!(ledger.begin(1, 500, holder(4)).unwrap(), Begin::AlreadyPaid);
     let order = ledger.order(1).unwrap().unwrap();
     assert!(order.paid);
     assert_eq!(order.paid_token, Some(6));
@@ -97,19 +98,18 @@ fn commits_are_synced_before_they_return() {
 #[test]
 fn a_paid_order_reports_already_paid_before_stale() {
     let (ledger, path) = temp_ledger(true);
-    ledger.begin(7, 700, writer(271, 1)).unwrap();
-    assert_eq!(
-        ledger.commit(7, "c", writer(271, 1)).unwrap(),
-        Commit::Charged
-    );
+    let payer = begin(&ledger, 7, 700, 271);
+    assert_eq!(ledger.commit(7, "c", payer).unwrap(), Commit::Charged);
     for token in [1, 10, 19] {
         assert_eq!(
-            ledger.begin(7, 700, writer(token, 2)).unwrap(),
+            ledger.begin(7, 700, holder(token)).unwrap(),
             Begin::AlreadyPaid,
             "token {token}"
         );
         assert_eq!(
-            ledger.commit(7, "c", writer(token, 2)).unwrap(),
+            ledger
+                .commit(7, "c", holder(token).writer(now_us()))
+                .unwrap(),
             Commit::AlreadyPaid,
             "token {token}"
         );
@@ -119,21 +119,57 @@ fn a_paid_order_reports_already_paid_before_stale() {
     std::fs::remove_file(path).ok();
 }
 
+/// The schedule a chaos run found (seed 20261126): order 33 is paid; a duplicate's holder
+/// (token 514) starts, and its runner is paused past the lock's TTL before it reaches the
+/// ledger; the job is reclaimed, and its new holder (token 523) finds the order paid; then
+/// the paused holder wakes and begins. The newer holder's visit raised the fence, so the
+/// paused one is stale, and the audit finds nothing; had the paused holder's visit been
+/// accepted, the audit would have caught it.
+#[test]
+fn a_newer_holders_visit_to_a_paid_order_fences_out_a_paused_one() {
+    let (ledger, path) = temp_ledger(true);
+    let payer = begin(&ledger, 33, 3300, 352);
+    assert_eq!(ledger.commit(33, "c", payer).unwrap(), Commit::Charged);
+    assert_eq!(
+        ledger.begin(33, 3300, holder(523)).unwrap(),
+        Begin::AlreadyPaid
+    );
+    assert_eq!(
+        ledger.begin(33, 3300, holder(514)).unwrap(),
+        Begin::AlreadyPaid
+    );
+    assert_eq!(ledger.order(33).unwrap().unwrap().fence, 523);
+    let attempts = ledger.attempts().unwrap();
+    let outcome = |token| attempts.iter().find(|a| a.token == token).unwrap().outcome;
+    assert_eq!(outcome(523), Outcome::AlreadyPaid);
+    assert_eq!(outcome(514), Outcome::StaleRejected);
+    let audit = ledger.audit().unwrap();
+    assert_eq!(audit.violations(), 0, "{audit}");
+
+    // The same log with the paused holder's visit accepted is what the audit rejects.
+    let mut accepted = attempts.clone();
+    for a in &mut accepted {
+        if a.token == 514 {
+            a.outcome = Outcome::AlreadyPaid;
+        }
+    }
+    let audit = Audit::of(&ledger.orders().unwrap(), &accepted);
+    assert_eq!(audit.stale_accepted, vec![(33, 514, 523)], "{audit}");
+    std::fs::remove_file(path).ok();
+}
+
 #[test]
 fn a_begun_newer_holder_fences_out_an_older_one_before_either_commits() {
     let (ledger, path) = temp_ledger(true);
-    ledger.begin(2, 100, writer(5, 1)).unwrap();
-    ledger.begin(2, 100, writer(6, 2)).unwrap();
+    let older = begin(&ledger, 2, 100, 5);
+    let newer = begin(&ledger, 2, 100, 6);
     assert_eq!(
-        ledger.commit(2, "c", writer(5, 1)).unwrap(),
+        ledger.commit(2, "c", older).unwrap(),
         Commit::Stale { fence: 6 }
     );
+    assert_eq!(ledger.commit(2, "c", newer).unwrap(), Commit::Charged);
     assert_eq!(
-        ledger.commit(2, "c", writer(6, 2)).unwrap(),
-        Commit::Charged
-    );
-    assert_eq!(
-        ledger.commit(2, "c", writer(7, 3)).unwrap(),
+        ledger.commit(2, "c", holder(7).writer(now_us())).unwrap(),
         Commit::AlreadyPaid
     );
     std::fs::remove_file(path).ok();
@@ -144,16 +180,10 @@ fn without_the_fence_the_audit_sees_the_damage() {
     let (ledger, path) = temp_ledger(false);
     // Holder 5 pauses; holder 6 begins; holder 5 wakes and commits: accepted, since
     // the check is off. Holder 6 then finds it paid.
-    ledger.begin(3, 100, writer(5, 10)).unwrap();
-    ledger.begin(3, 100, writer(6, 20)).unwrap();
-    assert_eq!(
-        ledger.commit(3, "c", writer(5, 10)).unwrap(),
-        Commit::Charged
-    );
-    assert_eq!(
-        ledger.commit(3, "c", writer(6, 20)).unwrap(),
-        Commit::AlreadyPaid
-    );
+    let paused = begin(&ledger, 3, 100, 5);
+    let newer = begin(&ledger, 3, 100, 6);
+    assert_eq!(ledger.commit(3, "c", paused).unwrap(), Commit::Charged);
+    assert_eq!(ledger.commit(3, "c", newer).unwrap(), Commit::AlreadyPaid);
     let audit = ledger.audit().unwrap();
     assert_eq!(audit.overlapping.len(), 1, "{audit}");
     assert!(audit.violations() > 0);
@@ -164,7 +194,7 @@ fn without_the_fence_the_audit_sees_the_damage() {
 fn amounts_must_agree() {
     let (ledger, path) = temp_ledger(true);
     ledger.create_order(4, 100).unwrap();
-    let err = ledger.begin(4, 200, writer(1, 1)).unwrap_err();
+    let err = ledger.begin(4, 200, holder(1)).unwrap_err();
     assert!(!err.is_retryable());
     assert_eq!(
         err.to_string(),

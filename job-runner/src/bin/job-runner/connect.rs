@@ -39,6 +39,7 @@ pub(crate) async fn locks(settings: &Settings, longest_ttl: Duration) -> Result<
         .node_timeout(Duration::from_millis(settings.lock_node_timeout_ms))
         .restart_quarantine(longest_ttl.max(fencelock::DEFAULT_RESTART_QUARANTINE))
         .fencing(true)
+        .fence_window(Duration::from_millis(settings.lock_fence_window_ms))
         .build()
         .await
         .map_err(|e| Exit::new(EX_CONFIG, format!("config error in `lock_nodes`: {e}")))

@@ -72,6 +72,12 @@ declare::settings! {
     #[arg(global = true, long, env = "JOB_RUNNER_LOCK_NODE_TIMEOUT_MS")]
     lock_node_timeout_ms: u64 = 50;
 
+    /// How long a lock node keeps a resource's fencing counter after its last lock, in
+    /// ms (1 ms to 30 days): the nodes' memory grows with the orders locked within it,
+    /// not with every order ever locked
+    #[arg(global = true, long, env = "JOB_RUNNER_LOCK_FENCE_WINDOW_MS")]
+    lock_fence_window_ms: u64 = fencelock::DEFAULT_FENCE_WINDOW.as_millis() as u64;
+
     /// Idle time in ms after which another runner reclaims an unacknowledged job
     #[arg(global = true, long, env = "JOB_RUNNER_VISIBILITY_TIMEOUT_MS")]
     visibility_timeout_ms: u64 = 30_000;
@@ -308,6 +314,16 @@ impl Settings {
                 format!(
                     "must be positive and at most a tenth of lock_ttl_ms ({}), got {}",
                     self.lock_ttl_ms, self.lock_node_timeout_ms
+                ),
+            );
+        }
+        const MAX_FENCE_WINDOW_MS: u64 = 30 * 24 * 3_600_000;
+        if !(1..=MAX_FENCE_WINDOW_MS).contains(&self.lock_fence_window_ms) {
+            return bad(
+                "lock_fence_window_ms",
+                format!(
+                    "must be 1..={MAX_FENCE_WINDOW_MS} (1 ms to 30 days), got {}",
+                    self.lock_fence_window_ms
                 ),
             );
         }

@@ -84,6 +84,14 @@ fn timing_settings_stay_in_range() {
         "lock_node_timeout_ms"
     );
     assert_eq!(
+        key(huge(|l| l.lock_fence_window_ms = Some(u64::MAX))),
+        "lock_fence_window_ms"
+    );
+    assert_eq!(
+        key(huge(|l| l.lock_fence_window_ms = Some(0))),
+        "lock_fence_window_ms"
+    );
+    assert_eq!(
         key(huge(|l| l.visibility_timeout_ms = Some(u64::MAX))),
         "visibility_timeout_ms"
     );
