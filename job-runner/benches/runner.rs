@@ -166,6 +166,27 @@ fn runner(
     cmd
 }
 
+/// Waits until `queue` is empty with nothing pending or delayed, polling every `poll`;
+/// panics, naming `what`, after `within`.
+async fn drained(queue: &Queue, within: Duration, poll: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    loop {
+        let st = queue.stats().await.unwrap();
+        if st.depth == 0 && st.pending == 0 && st.delayed == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: not drained: {st:?}");
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// Stops a runner as an operator would, with SIGTERM, and waits for it.
+async fn stop(mut child: tokio::process::Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    child.wait().await.unwrap();
+}
+
 /// `processes` runners, started and idle, drain `jobs_per_run()` jobs of `kind` enqueued at once:
 /// jobs per second from the first `XADD` to the queue being empty with nothing pending.
 async fn full_path(
@@ -190,18 +211,13 @@ async fn full_path(
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let started = Instant::now();
     fill(&queue, kind, jobs_per_run()).await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let st = queue.stats().await.unwrap();
-        if st.depth == 0 && st.pending == 0 && st.delayed == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{kind} x{processes} -c {concurrency}: not drained: {st:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    drained(
+        &queue,
+        Duration::from_secs(120),
+        Duration::from_millis(2),
+        &format!("{kind} x{processes} -c {concurrency}"),
+    )
+    .await;
     let rate = jobs_per_run() as f64 / started.elapsed().as_secs_f64();
     eprintln!("{kind} x{processes} -c {concurrency}, {down} lock nodes down: {rate:.0} jobs/s");
     for child in &children {
@@ -249,25 +265,21 @@ async fn queue_memory(urls: &[String], n: usize) -> (f64, f64) {
     flush(&urls[5]).await;
     let ledger = temp_path("bench-ledger");
     let queue = Queue::connect(&urls[5], "jobs", "bench").await.unwrap();
-    let mut child = runner(urls, 0, &ledger, "bench-mem", 64, &[])
+    let child = runner(urls, 0, &ledger, "bench-mem", 64, &[])
         .spawn()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let before = used_memory(&urls[5]).await;
     fill(&queue, "noop", n).await;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let st = queue.stats().await.unwrap();
-        if st.depth == 0 && st.pending == 0 && st.delayed == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not drained: {st:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    drained(
+        &queue,
+        Duration::from_secs(600),
+        Duration::from_millis(20),
+        "queue memory",
+    )
+    .await;
     let after = used_memory(&urls[5]).await;
-    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    child.wait().await.unwrap();
+    stop(child).await;
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", ledger.display()));
     }
@@ -295,7 +307,7 @@ async fn lock_memory(cluster: &Cluster, urls: &[String]) -> [(f64, f64); 3] {
     let ledger = temp_path("bench-ledger");
     let queue = Queue::connect(&urls[5], "jobs", "bench").await.unwrap();
     let window = FENCE_WINDOW.as_millis().to_string();
-    let mut child = runner(
+    let child = runner(
         urls,
         0,
         &ledger,
@@ -308,19 +320,15 @@ async fn lock_memory(cluster: &Cluster, urls: &[String]) -> [(f64, f64); 3] {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let before = snapshot().await;
     fill(&queue, "payment", jobs_per_run()).await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let st = queue.stats().await.unwrap();
-        if st.depth == 0 && st.pending == 0 && st.delayed == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not drained: {st:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    drained(
+        &queue,
+        Duration::from_secs(120),
+        Duration::from_millis(20),
+        "lock memory",
+    )
+    .await;
     let after = snapshot().await;
-    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    child.wait().await.unwrap();
+    stop(child).await;
     // The window runs from each counter's last write; the release that ended the last job
     // wrote none.
     tokio::time::sleep(FENCE_WINDOW + Duration::from_secs(1)).await;
