@@ -30,6 +30,14 @@ fi
 build() {
   bash "$root/scripts/redis-image.sh"
   (cd "$root" && cargo build --release -q -p job-runner --features payment-demo)
+  # The image takes the binary from target/release (deploy/Dockerfile.runner); a build into
+  # another CARGO_TARGET_DIR (relative ones are relative to the repository) is copied there.
+  local dir="${CARGO_TARGET_DIR:-target}"
+  case "$dir" in /*) ;; *) dir="$root/$dir" ;; esac
+  if [ "$dir/release/job-runner" -ef "$root/target/release/job-runner" ]; then :; else
+    mkdir -p "$root/target/release"
+    cp "$dir/release/job-runner" "$root/target/release/job-runner"
+  fi
   docker build -q -f "$root/deploy/Dockerfile.runner" -t job-runner:lab "$root" >/dev/null
   echo "lab: images redis:7.0 and job-runner:lab are ready"
 }

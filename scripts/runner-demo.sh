@@ -30,7 +30,7 @@ for port in 7001 7002 7003 7004; do
 done
 
 cargo build -q -p job-runner --features payment-demo
-jr=target/debug/job-runner
+jr="${CARGO_TARGET_DIR:-target}/debug/job-runner"
 export JOB_RUNNER_LOCK_NODES="redis://127.0.0.1:7001,redis://127.0.0.1:7002,redis://127.0.0.1:7003"
 export JOB_RUNNER_QUEUE="redis://127.0.0.1:7004"
 export JOB_RUNNER_LEDGER="$work/ledger.db"
