@@ -415,3 +415,66 @@ async fn the_model_answers_as_the_scripts_do_and_a_planted_difference_is_found()
     }
     cluster.teardown().await;
 }
+
+/// The fencing scripts keep the node's high-water mark and floor for the rest of a batch
+/// once read; a seeding in the same batch raises both, and the acquisitions after it must
+/// see that. Run as fixed steps on the real node and the model, every reply compared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeding_in_a_batch_is_seen_by_the_acquisitions_after_it() {
+    let cluster = Cluster::start(1).await;
+    let mut conn = cluster.conn(0).await;
+    let model = SimCluster::new(1, 0);
+    let model = model.node(0);
+    let acquire = |resource: &str, value: &str| {
+        Op::Acquire(Acquire {
+            keys: [resource.to_owned()].into(),
+            value: value.into(),
+            ttl_ms: LONG_TTL_MS,
+            quarantine_ms: 0,
+            fencing: Some(Fencing {
+                reserved: 2,
+                window_ms: LONG_TTL_MS,
+                hint: 0,
+            }),
+        })
+    };
+    let seed = |nonce: &str, high: u64| {
+        Op::Seed(Seed {
+            quarantine_ms: 0,
+            nonce: nonce.to_owned(),
+            high,
+        })
+    };
+    // Each step on both nodes: its replies, the same on both, or the test fails.
+    let mut step = async |ops: Vec<Op>, batched: bool| -> Vec<i64> {
+        let real = if batched {
+            run_real_batch(&mut conn, &ops).await
+        } else {
+            vec![run_real(&mut conn, &ops[0]).await]
+        };
+        let modelled: Vec<i64> = ops.iter().map(|op| model.execute(op)).collect();
+        assert_eq!(real, modelled, "{ops:?}");
+        real
+    };
+
+    // The node comes up empty: the first acquisition names its state, the seeding opens it.
+    assert_eq!(step(vec![acquire("a", "v1")], false).await, [-2]);
+    assert_eq!(step(vec![seed("v1", 0)], false).await, [1]);
+    // `b` is locked once (token 1, counter 3), and released.
+    assert_eq!(step(vec![acquire("b", "v2")], false).await, [1]);
+    let release = Op::Release(Release {
+        keys: ["b".to_owned()].into(),
+        values: vec!["v2".into()],
+    });
+    assert_eq!(step(vec![release], false).await, [1]);
+    // One batch: an acquisition reads the mark and floor, a seeding raises both to 1000, and
+    // `b`'s next token must be above the floor (1001), not above its old counter (4).
+    let replies = step(
+        vec![acquire("a", "v3"), seed("v1", 1000), acquire("b", "v4")],
+        true,
+    )
+    .await;
+    assert_eq!(replies[1], 1, "the seeding applies: {replies:?}");
+    assert_eq!(replies[2], 1001, "{replies:?}");
+    cluster.teardown().await;
+}
