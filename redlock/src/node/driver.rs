@@ -338,9 +338,19 @@ fn integer(value: Value) -> Result<i64, RedisError> {
 /// waits behind whatever the node has not answered yet, and reconnects if it must.
 #[derive(Clone)]
 pub(super) struct DriverProbe {
-    pub(super) ops: mpsc::WeakUnboundedSender<Queued>,
+    ops: mpsc::WeakUnboundedSender<Queued>,
     /// The driver's backlog count, which every queued call adds to.
-    pub(super) backlog: Arc<AtomicUsize>,
+    backlog: Arc<AtomicUsize>,
+}
+
+impl DriverProbe {
+    /// The probe of the driver that `ops` feeds; it does not keep the driver alive.
+    pub(super) fn new(ops: &mpsc::UnboundedSender<Queued>, backlog: &Arc<AtomicUsize>) -> Self {
+        DriverProbe {
+            ops: ops.downgrade(),
+            backlog: backlog.clone(),
+        }
+    }
 }
 
 impl Probe for DriverProbe {

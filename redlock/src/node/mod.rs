@@ -108,10 +108,7 @@ impl Node {
             health.clone(),
             Box::new({
                 let (addr, health) = (addr.clone(), health.clone());
-                let probe = DriverProbe {
-                    ops: ops.downgrade(),
-                    backlog: backlog.clone(),
-                };
+                let probe = DriverProbe::new(&ops, &backlog);
                 move || health::spawn_probe(addr.clone(), health.clone(), probe.clone())
             }),
         );
@@ -178,10 +175,7 @@ impl Node {
             Backend::Redis { ops, backlog } => health::spawn_probe(
                 self.addr.clone(),
                 self.health.clone(),
-                DriverProbe {
-                    ops: ops.downgrade(),
-                    backlog: backlog.clone(),
-                },
+                DriverProbe::new(ops, backlog),
             ),
             #[cfg(feature = "sim")]
             Backend::Sim(sim) => health::spawn_probe(

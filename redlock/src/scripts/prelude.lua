@@ -67,8 +67,9 @@ end
 -- guess `max(hint, floor) + 1` (plus the reserved tokens) by a `SET ... GET` that returns
 -- what it held. What the node knew is at least the floor, so if it is below the guess, the
 -- guess is what `max(known, hint) + 1` gives; otherwise the token is one more than it, and
--- the counter is written again, in this same run, before anyone can read it (a script that
--- has written is not stopped by `maxmemory`, and a plain `SET` fails on no type). The mark
+-- the counter is written again, in this same run, before anyone can read it (Redis refuses
+-- a script's write for `maxmemory` only before its first one, and a plain `SET` overwrites
+-- a key of any type, so that second write cannot fail). The mark
 -- and the floor are read once per script run. Several resources take the general way: a
 -- `SET ... GET` failing on the second key would leave the first one lowered.
 local function next_token(KEYS, n, reserved, window, hint)
