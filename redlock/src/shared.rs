@@ -130,8 +130,14 @@ impl Shared {
             recent.clear();
         }
         for k in keys {
-            let e = recent.entry(k.clone()).or_insert(last);
-            *e = (*e).max(last);
+            // The key is copied only for a resource not yet remembered: locking one again
+            // is the steady state.
+            match recent.get_mut(k) {
+                Some(e) => *e = (*e).max(last),
+                None => {
+                    recent.insert(k.clone(), last);
+                }
+            }
         }
     }
 
